@@ -1,0 +1,1 @@
+"""Triton kernels, each next to the plain-torch reference it is tested against (installed as hf_accel.kernels)."""

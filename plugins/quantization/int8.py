@@ -1,0 +1,92 @@
+"""Weight-only int8 quantization: per-output-channel symmetric scales (LLM.int8's weight format without outliers;
+the "W8A16" baseline of torchao's Int8WeightOnlyConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_accel.errors import OptionError
+from hf_accel.plugin import Family, ModelKind, Plugin
+
+from .linear import linear_parts, replace_linears
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: w ≈ q * scale, q in [-127, 127]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ q.T) * scale + b, with q int8 (out, in) and scale float (out,).
+
+    `weight` keeps its name so state-dict keys, tied-weight logic and PEFT lookups of `.weight` still find it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> "Int8Linear":
+        module = cls.skeleton_of(linear)
+        _, _, weight, bias = linear_parts(linear)
+        q, scale = quantize_per_channel(weight)
+        module.weight.data.copy_(q)
+        module.weight_scale.data.copy_(scale.to(weight.dtype))
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
+        return module
+
+    @classmethod
+    def skeleton_of(cls, linear: nn.Module) -> "Int8Linear":
+        """An empty module on the linear's device (meta while transformers builds the model) for saved weights."""
+        in_f, out_f, weight, bias = linear_parts(linear)
+        return cls(in_f, out_f, bias is not None, weight.dtype, weight.device)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.to(self.weight_scale.dtype) * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Scale after the matmul: one multiply per output instead of dequantising the whole matrix.
+        out = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return out + self.bias.to(x.dtype) if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 per-channel"
+
+
+@dataclass
+class Int8WeightOnly(Plugin):
+    """Weight-only int8 with per-output-channel symmetric scales; halves weight memory of bf16 linears."""
+
+    name = "int8"
+    family = Family.QUANTIZATION
+    supported_kinds = frozenset({ModelKind.CAUSAL_LM, ModelKind.TRANSFORMERS, ModelKind.DIFFUSION_MODEL})
+    conflicts_with = ("family:quantization", "family:compression")
+    rewrites_weights = True
+
+    skip: tuple[str, ...] = ("lm_head",)  # module-name patterns kept in full precision
+
+    def __post_init__(self):
+        if any(not p for p in self.skip):
+            raise OptionError("plugin 'int8': option 'skip' must not contain empty patterns")
+
+    def apply(self, model, patcher):
+        if replace_linears(model, patcher, self.skip, Int8Linear.from_linear) == 0:
+            raise OptionError(f"plugin 'int8' found no linear layer to quantize in {type(model).__name__} (skip={list(self.skip)})")
+
+    def prepare_for_loading(self, model, patcher):
+        replace_linears(model, patcher, self.skip, Int8Linear.skeleton_of)
+
+    def card_metadata(self, model):
+        n = sum(m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear))
+        return {"int8_weights": n}
