@@ -184,6 +184,17 @@ def _wrap_pipeline(original):
     return pipeline
 
 
+def _wrap_get_config_dict(original):
+    # Lift the guard as soon as config.json is read: AutoConfig inspects the raw dict before building a config
+    # (e.g. it treats a mistral config with `layer_types` as ministral).
+    @functools.wraps(original)
+    def get_config_dict(cls, *args, **kwargs):
+        config_dict, unused = original(cls, *args, **kwargs)
+        return artifacts.lift_guard(config_dict), unused
+
+    return get_config_dict
+
+
 def _wrap_config_from_dict(original):
     @functools.wraps(original)
     def from_dict(cls, config_dict, **kwargs):
@@ -204,6 +215,7 @@ def install() -> None:
     PreTrainedModel.from_pretrained = classmethod(_wrap_from_pretrained(PreTrainedModel.from_pretrained.__func__))
     PreTrainedModel.save_pretrained = _wrap_save_pretrained(PreTrainedModel.save_pretrained)
     PreTrainedModel.push_to_hub = _wrap_push_to_hub(PreTrainedModel.push_to_hub)
+    PreTrainedConfig.get_config_dict = classmethod(_wrap_get_config_dict(PreTrainedConfig.get_config_dict.__func__))
     PreTrainedConfig.from_dict = classmethod(_wrap_config_from_dict(PreTrainedConfig.from_dict.__func__))
     import transformers.pipelines as pipelines
 
