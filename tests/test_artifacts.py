@@ -151,3 +151,19 @@ def test_pipeline_accel_does_not_leak_into_the_tokenizer(tmp_path):
         assert out[0]["generated_text"].startswith("abc")
     pipe.tokenizer.save_pretrained(tmp_path / "tok")
     assert "accel" not in (tmp_path / "tok" / "tokenizer_config.json").read_text()
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_round_trip(tmp_path, arch):
+    from conftest import build
+
+    build(arch).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", accel="int8", dtype=torch.bfloat16, device_map="cuda")
+    ids = sample_ids().cuda()
+    logits = model(ids).logits
+    assert logits.is_cuda and torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path / "art")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "art", dtype=torch.bfloat16, device_map="cuda")
+    assert torch.equal(again(ids).logits, logits)
+    out = again.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, ids.shape[1] + 8)
