@@ -53,6 +53,19 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
     return ARCHS[arch]().eval()
 
 
+@pytest.fixture
+def plugin_doubles():
+    """Register the test-only plugins of plugin_doubles.py for one test."""
+    from hf_accel.registry import registry
+    from plugin_doubles import ALL
+
+    for cls in ALL:
+        registry.register(cls, "tests", "0")
+    yield ALL
+    for cls in ALL:
+        registry.unregister(cls.name)
+
+
 @pytest.fixture(params=sorted(ARCHS))
 def arch(request) -> str:
     return request.param

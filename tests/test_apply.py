@@ -5,19 +5,11 @@ import torch
 
 import hf_accel
 from hf_accel.errors import AccelError, ConflictError, UnsupportedModelError
-from hf_accel.registry import registry
 
 from conftest import build, module_types, sample_ids, state_hash
-from plugin_doubles import ALL
 
 
-@pytest.fixture(autouse=True)
-def doubles():
-    for cls in ALL:
-        registry.register(cls, "tests", "0")
-    yield
-    for cls in ALL:
-        registry.unregister(cls.name)
+pytestmark = pytest.mark.usefixtures("plugin_doubles")
 
 
 def test_int8_quantizes_every_linear_but_the_head(arch):

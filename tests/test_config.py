@@ -6,18 +6,11 @@ import pytest
 
 from hf_accel import AccelConfig
 from hf_accel.errors import AccelError, ConflictError, OptionError, UnknownPluginError
-from hf_accel.registry import registry
 
-from plugin_doubles import ALL, ScaleLogits
+from plugin_doubles import ScaleLogits
 
 
-@pytest.fixture(autouse=True)
-def doubles():
-    for cls in ALL:
-        registry.register(cls, "tests", "0")
-    yield
-    for cls in ALL:
-        registry.unregister(cls.name)
+pytestmark = pytest.mark.usefixtures("plugin_doubles")
 
 
 def test_all_spellings_normalise_to_one_form():
