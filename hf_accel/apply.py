@@ -4,6 +4,10 @@ All checks (names, options, conflicts, model support) run before the first chang
 each through its own Patcher; if any plugin fails, every change made so far is undone in reverse and the model is
 exactly as before. Integrations (transformers, diffusers) are told after a successful apply so that the config of
 the model carries the spec into `save_pretrained`.
+
+A diffusers pipeline is a target made of parts: a plugin that supports DIFFUSION_PIPELINE acts on the pipeline, one
+that only supports DIFFUSION_MODEL acts on its denoiser (`pipe.transformer`, else `pipe.unet`). Each part keeps its
+own state, so a component saves and reloads with its own spec; `get_config(pipe)` and `remove(pipe)` cover all parts.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Any, Callable
 from .config import AccelConfig
 from .errors import AccelError
 from .patching import Patcher
-from .plugin import Plugin
+from .plugin import ModelKind, Plugin, model_kind
 
 STATE_ATTR = "_hf_accel_state"
+DENOISER_ATTRS = ("transformer", "unet")  # where a pipeline keeps the model that runs every denoising step
 
 # Integrations register callbacks here: on_applied(model, state) runs after every successful apply or remove.
 _on_applied: list[Callable[[Any, "AccelState"], None]] = []
@@ -42,10 +47,46 @@ def get_state(model: Any) -> AccelState | None:
     return getattr(model, STATE_ATTR, None)
 
 
+def _denoiser(pipe: Any) -> Any:
+    for attr in DENOISER_ATTRS:
+        part = getattr(pipe, attr, None)
+        if part is not None:
+            return part
+    return None
+
+
+def _parts(model: Any) -> list[Any]:
+    """The objects that carry state for `model`: itself, plus the denoiser of a pipeline."""
+    if model_kind(model) is ModelKind.DIFFUSION_PIPELINE:
+        denoiser = _denoiser(model)
+        if denoiser is not None:
+            return [model, denoiser]
+    return [model]
+
+
+def _target(model: Any, plugin: Plugin) -> Any:
+    """Where `plugin` acts when applied to `model`: a pipeline's denoiser for model-only plugins, else the model."""
+    kinds = plugin.supported_kinds
+    if (model_kind(model) is ModelKind.DIFFUSION_PIPELINE and ModelKind.DIFFUSION_PIPELINE not in kinds
+            and ModelKind.DIFFUSION_MODEL in kinds):
+        denoiser = _denoiser(model)
+        return model if denoiser is None else denoiser  # no denoiser: check() then says what the plugin accepts
+    return model
+
+
+def _sorted(applied: list[AppliedPlugin]) -> list[AppliedPlugin]:
+    return sorted(applied, key=lambda a: (a.plugin.apply_order(), a.plugin.name))
+
+
 def get_config(model: Any) -> AccelConfig:
-    """The spec applied to `model` (empty if none)."""
-    state = get_state(model)
-    return state.config if state else AccelConfig()
+    """The spec applied to `model` (empty if none); for a pipeline, what is applied to it and to its denoiser."""
+    applied = [a for part in _parts(model) for a in getattr(get_state(part), "applied", [])]
+    return AccelConfig(tuple(a.plugin for a in _sorted(applied)))
+
+
+def _notify(target: Any, state: AccelState) -> None:
+    for callback in _on_applied:
+        callback(target, state)
 
 
 def apply(model: Any, spec: Any, *, loading: bool = False) -> Any:
@@ -55,61 +96,70 @@ def apply(model: Any, spec: Any, *, loading: bool = False) -> Any:
     rebuild the structure (`prepare_for_loading`) instead of transforming float weights.
     """
     new = AccelConfig.from_spec(spec)
-    state = get_state(model) or AccelState()
-    combined = state.config + new  # raises on duplicates and conflicts with what is already applied
-    for plugin in new.plugins:
-        plugin.check(model)
+    combined = get_config(model) + new  # raises on duplicates and conflicts with what is already applied
+    targets = [(plugin, _target(model, plugin)) for plugin in new.plugins]
+    for plugin, target in targets:
+        plugin.check(target)
 
-    done: list[AppliedPlugin] = []
-    previous = list(state.applied)
+    # One state per target, with what it held before, so a failure can put every target back.
+    states: dict[int, tuple[Any, AccelState, list[AppliedPlugin]]] = {}
+    for _, target in targets:
+        if id(target) not in states:
+            state = get_state(target) or AccelState()
+            states[id(target)] = (target, state, list(state.applied))
+    done: list[tuple[Any, AppliedPlugin]] = []
+    notified: list[Any] = []
     try:
-        for plugin in new.plugins:
+        for plugin, target in targets:
             patcher = Patcher(plugin.name)
-            done.append(AppliedPlugin(plugin, patcher))
+            done.append((target, AppliedPlugin(plugin, patcher)))
             if loading and plugin.rewrites_weights:
-                plugin.prepare_for_loading(model, patcher)
+                plugin.prepare_for_loading(target, patcher)
             else:
-                plugin.apply(model, patcher)
-        state.applied = sorted(previous + done, key=lambda a: (a.plugin.apply_order(), a.plugin.name))
-        setattr(model, STATE_ATTR, state)
-        for callback in _on_applied:
-            callback(model, state)
+                plugin.apply(target, patcher)
+        for target, state, previous in states.values():
+            state.applied = _sorted(previous + [a for t, a in done if t is target])
+            setattr(target, STATE_ATTR, state)
+            notified.append(target)
+            _notify(target, state)
     except BaseException as e:
-        for applied in reversed(done):
+        for _, applied in reversed(done):
             applied.patcher.undo()
-        state.applied = previous
-        if previous:
-            for callback in _on_applied:
-                callback(model, state)
-        elif getattr(model, STATE_ATTR, None) is state:
-            delattr(model, STATE_ATTR)
+        for target, state, previous in states.values():
+            state.applied = previous
+            if previous or any(t is target for t in notified):
+                _notify(target, state)  # integrations undo what they derived from the state (config, class)
+            if not previous and getattr(target, STATE_ATTR, None) is state:
+                delattr(target, STATE_ATTR)
         if isinstance(e, AccelError):
             raise
-        name = done[-1].plugin.name if done else "?"
+        name = done[-1][1].plugin.name if done else "?"
         raise AccelError(f"plugin {name!r} failed ({type(e).__name__}: {e}); the model was left unchanged") from e
 
-    for applied in done:  # only now may weight rewrites release the originals
+    for _, applied in done:  # only now may weight rewrites release the originals
         applied.patcher.commit()
-    assert [a.plugin.name for a in state.applied] == combined.names
+    assert get_config(model).names == combined.names
     return model
 
 
 def remove(model: Any) -> list[str]:
-    """Undo every undoable change hf_accel made to `model`; return (and warn about) what could not be undone."""
-    state = get_state(model)
-    if state is None:
-        return []
-    kept: list[AppliedPlugin] = []
-    for applied in reversed(state.applied):
-        applied.patcher.undo()  # undoes the undoable patches; irreversible ones stay recorded
-        if applied.patcher.irreversible:
-            kept.append(applied)
-    state.applied = list(reversed(kept))
-    left = [f"{a.plugin.name}: {desc}" for a in state.applied for desc in a.patcher.irreversible]
-    for callback in _on_applied:
-        callback(model, state)
-    if not state.applied:
-        delattr(model, STATE_ATTR)
+    """Undo every undoable change hf_accel made to `model` (and to a pipeline's denoiser); return (and warn about)
+    what could not be undone."""
+    left: list[str] = []
+    for part in _parts(model):
+        state = get_state(part)
+        if state is None:
+            continue
+        kept: list[AppliedPlugin] = []
+        for applied in reversed(state.applied):
+            applied.patcher.undo()  # undoes the undoable patches; irreversible ones stay recorded
+            if applied.patcher.irreversible:
+                kept.append(applied)
+        state.applied = list(reversed(kept))
+        left += [f"{a.plugin.name}: {desc}" for a in state.applied for desc in a.patcher.irreversible]
+        _notify(part, state)
+        if not state.applied:
+            delattr(part, STATE_ATTR)
     if left:
         warnings.warn(
             "hf_accel.remove(): these changes rewrote weights and cannot be undone (reload the model to get the "
