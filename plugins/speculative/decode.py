@@ -1,0 +1,305 @@
+"""The speculative decoding loop: draft k tokens per row, verify them in one target forward, keep what the target
+would have produced. Plain functions and three small drafters, in the spirit of gpt-fast's `speculative_decode`.
+
+Lossless by construction:
+- greedy: a draft is kept while it equals the target's argmax; the first mismatch is replaced by the argmax, and a
+  row that keeps all k drafts gets the target's next token as a bonus. The output is the target's greedy output.
+- sampling: exact rejection sampling (Leviathan et al. 2023, Chen et al. 2023): keep draft x with probability
+  min(1, p(x)/q(x)); at the first rejection sample from norm(max(0, p - q)); after k kept drafts sample the bonus
+  from p. p and q are the target's and the drafter's distributions after the same warpers (temperature, top-k,
+  top-p, ...); a draft-free drafter proposes deterministically, i.e. q is one-hot. The output follows p exactly.
+
+Every row keeps its own committed length `n[b]` (see `rows.py`): rows accept different numbers of tokens, finish at
+their own EOS or token budget, and their rejected drafts are masked and later overwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .rows import RowCache, num_layers, row_forward
+
+
+# ---------------------------------------------------------------------------------------------------- state
+@dataclass
+class Batch:
+    """The left-padded token layout shared by the target and the drafter (slot = index in `seq`)."""
+
+    seq: torch.Tensor  # [B, capacity] committed tokens; pad beyond each row's length
+    real: torch.Tensor  # [B, capacity] False at left-pad slots
+    n_pads: torch.Tensor  # [B]
+    n: torch.Tensor  # [B] committed tokens per row (slots), prompt included
+    prompt_len: int
+    n_max: int = 0  # max(n), kept on the host so that shaping a forward needs no device sync
+
+    @classmethod
+    def from_prompt(cls, input_ids, attention_mask, pad_id: int, capacity: int) -> "Batch":
+        b, t = input_ids.shape
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # One extra pad column in front: every row then has two slots before its first new token, so the drafter can
+        # always re-feed the row's last two committed tokens (see ModelDrafter).
+        seq = torch.full((b, capacity), pad_id, dtype=input_ids.dtype, device=dev)
+        seq[:, 1: t + 1] = input_ids
+        real = torch.ones(b, capacity, dtype=torch.bool, device=dev)
+        real[:, 0] = False
+        real[:, 1: t + 1] = attention_mask.bool()
+        n_pads = (~real[:, : t + 1]).sum(1)
+        return cls(seq, real, n_pads, torch.full((b,), t + 1, device=dev), t + 1, t + 1)
+
+    def prefill(self, model, cache, length: int) -> None:
+        """Write the first `length` slots of every row."""
+        start = torch.zeros_like(self.n)
+        row_forward(model, cache, self.seq[:, :length], start, self.real, self.n_pads, length, last_only=True)
+
+    def forward(self, model, cache, tokens, offset: int, last_only=False):
+        """Run `tokens` [B, q] at slots n[b] + offset + j of each row."""
+        q = tokens.shape[1]
+        return row_forward(model, cache, tokens, self.n + offset, self.real, self.n_pads, self.n_max + offset + q,
+                           last_only)
+
+    def last_tokens(self, count: int) -> torch.Tensor:
+        """The last `count` committed tokens of every row, [B, count]."""
+        idx = self.n[:, None] - count + torch.arange(count, device=self.n.device)
+        return self.seq.gather(1, idx)
+
+
+@dataclass
+class Sampler:
+    """Greedy, or sampling after position-independent warpers (transformers' own objects, applied to p and q alike)."""
+
+    greedy: bool
+    warpers: list = field(default_factory=list)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        shape = logits.shape
+        scores = logits.reshape(-1, shape[-1])
+        for warper in self.warpers:
+            scores = warper(None, scores)
+        return torch.softmax(scores, dim=-1).reshape(shape)
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per row from logits [B, V]: (tokens [B], probs [B, V] or None when greedy)."""
+        if self.greedy:
+            return logits.argmax(-1), None
+        p = self.probs(logits)
+        return torch.multinomial(p, 1)[:, 0], p
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+def verify(sampler: Sampler, logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None):
+    """Target logits [B, k+1, V] for the drafts [B, k] -> (accepted [B] in 0..k, next token [B]).
+
+    `draft_probs` [B, k, V] is q (None for deterministic drafts, q one-hot)."""
+    b, k = drafts.shape
+    rows = torch.arange(b, device=drafts.device)
+    if sampler.greedy:
+        target = logits.argmax(-1)  # [B, k+1]
+        accepted = (drafts == target[:, :k]).long().cumprod(1).sum(1)
+        return accepted, target[rows, accepted]
+    p = sampler.probs(logits)  # [B, k+1, V]
+    p_draft = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+    q_draft = torch.ones_like(p_draft) if draft_probs is None else draft_probs.gather(-1, drafts[..., None])[..., 0]
+    keep = torch.rand_like(p_draft) * q_draft < p_draft  # u < p/q, i.e. probability min(1, p/q)
+    accepted = keep.long().cumprod(1).sum(1)
+    p_next = p[rows, accepted]  # [B, V]: p at the first rejected position, or the bonus position after k kept
+    at = accepted.clamp(max=k - 1)
+    if draft_probs is None:
+        q_at = torch.nn.functional.one_hot(drafts[rows, at], p.shape[-1]).to(p.dtype)
+    else:
+        q_at = draft_probs[rows, at]
+    residual = (p_next - q_at).clamp_min(0)
+    residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-30)
+    p_next = torch.where((accepted < k)[:, None], residual, p_next)  # computed for every row: no host sync
+    return accepted, torch.multinomial(p_next, 1)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------- drafters
+class ModelDrafter:
+    """A smaller model (or the int8 self-copy) drafts autoregressively on its own per-row cache.
+
+    Invariant: at the start of a round the draft cache holds every committed slot of a row except the last one or two.
+    Each round re-feeds the last two committed tokens (rewriting one slot with identical K/V when it was already
+    there), which keeps the batch rectangular although rows accepted different numbers of drafts last round."""
+
+    def __init__(self, model, batch: Batch, sampler: Sampler):
+        self.model, self.sampler = model, sampler
+        self.cache = RowCache(num_layers(model), batch.seq.shape[1])
+        if batch.prompt_len > 2:  # every prompt slot but the last two, which the first round feeds
+            batch.prefill(model, self.cache, batch.prompt_len - 2)
+
+    def propose(self, batch: Batch, k: int):
+        tokens, offset = batch.last_tokens(2), -2
+        drafts, probs = [], []
+        for _ in range(k):
+            logits = batch.forward(self.model, self.cache, tokens, offset, last_only=True)[:, -1]
+            token, p = self.sampler.pick(logits)
+            drafts.append(token)
+            probs.append(p)
+            offset += tokens.shape[1]
+            tokens = token[:, None]
+        return torch.stack(drafts, 1), (None if self.sampler.greedy else torch.stack(probs, 1))
+
+    def observe(self, fed: torch.Tensor, logits: torch.Tensor) -> None:
+        pass
+
+
+class LookupDrafter:
+    """Prompt lookup (n-gram copy): find the latest earlier occurrence of the row's last n tokens (n from ngram_max
+    down to ngram_min) in its prompt and output, and propose the k tokens that followed it."""
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+
+    def propose(self, batch: Batch, k: int):
+        seq = batch.seq.cpu()  # one small copy per round; the search is cheap host work
+        drafts = [self._lookup(seq[b, p:n], k) for b, (n, p) in enumerate(zip(batch.n.tolist(), batch.n_pads.tolist()))]
+        return torch.stack(drafts).to(batch.seq.device), None
+
+    def _lookup(self, row: torch.Tensor, k: int) -> torch.Tensor:
+        length = row.shape[0]
+        for size in range(min(self.ngram_max, length - 1), self.ngram_min - 1, -1):
+            windows = row.unfold(0, size, 1)[:-1]  # every earlier n-gram (not the suffix itself)
+            hits = (windows == row[-size:]).all(1).nonzero()
+            if len(hits):
+                start = int(hits[-1]) + size
+                follow = row[start: start + k]
+                if len(follow):
+                    return torch.cat([follow, follow[-1:].expand(k - len(follow))])
+        return row[-1:].expand(k).clone()  # no match: any guess costs the same, the verify step is batched
+
+    def observe(self, fed, logits):
+        pass
+
+
+class RecycleDrafter:
+    """Token Recycling (Luo et al. 2024), chain form: an adjacency table keeps, for every token id, the token the
+    target ranked first after it the last time it was verified (candidates from the verify step, otherwise thrown
+    away); drafts follow the table from the row's last token. The table lives on the plugin, so it stays warm across
+    calls. (The paper keeps top-8 successors and verifies a BFS tree; tree verification is not implemented.)"""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [V] successor of each token id
+
+    def propose(self, batch: Batch, k: int):
+        token, drafts = batch.last_tokens(1)[:, 0], []
+        for _ in range(k):
+            token = self.table[token]
+            drafts.append(token)
+        return torch.stack(drafts, 1), None
+
+    def observe(self, fed: torch.Tensor, logits: torch.Tensor) -> None:
+        self.table[fed.reshape(-1)] = logits.argmax(-1).reshape(-1).to(self.table.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- draft length
+def best_draft_length(alpha: float, k_max: int, draft_cost: float) -> int:
+    """k maximising expected tokens per unit time: (1 - a^(k+1)) / (1 - a) tokens for 1 + c*k target-step costs,
+    with a the per-token acceptance rate and c the cost of one draft step relative to one verify step."""
+    a = min(max(alpha, 0.0), 0.99)
+    return max(range(1, k_max + 1), key=lambda k: (1 - a ** (k + 1)) / ((1 - a) * (1 + draft_cost * k)))
+
+
+@dataclass
+class DraftLength:
+    """Fixed k, or (adaptive) an acceptance-driven controller: an EMA of the per-token acceptance rate, measured as
+    accepted / (accepted + rejections) over the active rows of each round, sets k through `best_draft_length`."""
+
+    k: int
+    adaptive: bool = False
+    draft_cost: float = 0.0
+    k_max: int = 0
+    alpha: float = 0.6
+    momentum: float = 0.5
+
+    def __post_init__(self):
+        self.k_max = self.k_max or self.k
+        if self.adaptive:
+            self.k = best_draft_length(self.alpha, self.k_max, self.draft_cost)
+
+    def update(self, accepted: list[int], k: int) -> None:
+        """`accepted`: drafts kept by each active row this round, out of `k`."""
+        if not self.adaptive or not accepted:
+            return
+        kept = sum(accepted)
+        rejections = sum(a < k for a in accepted)
+        rate = kept / max(kept + rejections, 1)
+        self.alpha = self.momentum * self.alpha + (1 - self.momentum) * rate
+        self.k = best_draft_length(self.alpha, self.k_max, self.draft_cost)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def commit(new: torch.Tensor, accepted: torch.Tensor, eos_ids: torch.Tensor | None, budget: torch.Tensor):
+    """How many of `new` [B, k+1] each row keeps: accepted + 1, cut after the first EOS and at the row's token
+    budget. Returns (count [B], hit_eos [B])."""
+    j = torch.arange(new.shape[1], device=new.device)
+    count = accepted + 1
+    hit_eos = torch.zeros_like(accepted, dtype=torch.bool)
+    if eos_ids is not None:
+        is_eos = torch.isin(new, eos_ids) & (j < count[:, None])
+        hit_eos = is_eos.any(1)
+        count = torch.where(hit_eos, is_eos.long().argmax(1) + 1, count)
+    count = torch.minimum(count, budget)
+    return count, hit_eos & (count > 0)
+
+
+@torch.no_grad()
+def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, max_new_tokens: int,
+                         sampler: Sampler, eos_ids: torch.Tensor | None, pad_id: int, length: DraftLength,
+                         stats: dict, streamer=None) -> torch.Tensor:
+    """Generate up to `max_new_tokens` per row; returns [B, T + L] ids like `generate()` (rows that stop early are
+    padded with `pad_id`). `drafter_factory(batch, sampler)` builds the drafter once the batch layout exists."""
+    b, t = input_ids.shape
+    dev = input_ids.device
+    capacity = t + 1 + max_new_tokens + length.k_max + 1
+    batch = Batch.from_prompt(input_ids, attention_mask, pad_id, capacity)
+    cache = RowCache(num_layers(target), capacity)
+    batch.prefill(target, cache, batch.prompt_len - 1)  # all but the last prompt token, which the first round feeds
+    drafter = drafter_factory(batch, sampler)
+    rows = torch.arange(b, device=dev)
+    budget = torch.full((b,), max_new_tokens, device=dev)  # tokens each row may still add; 0 once done
+    generated, budget_h = [0] * b, [max_new_tokens] * b
+    totals = dict(rounds=0, row_rounds=0, drafted=0, accepted=0, generated=0)
+    k_used: list[int] = []
+    while max(budget_h) > 0:
+        k = length.k
+        drafts, draft_probs = drafter.propose(batch, k)
+        fed = torch.cat([batch.last_tokens(1), drafts], 1)  # [B, k+1] at slots n-1 .. n+k-1
+        logits = batch.forward(target, cache, fed, -1)
+        accepted, next_token = verify(sampler, logits, drafts, draft_probs)
+        drafter.observe(fed, logits)
+
+        new = torch.cat([drafts, drafts[:, :1]], 1)
+        new[rows, accepted] = next_token  # [B, k+1]: the kept drafts, then the target's own token
+        count, hit_eos = commit(new, accepted, eos_ids, budget)
+        j = torch.arange(k + 1, device=dev)
+        slots = (batch.n[:, None] + j).clamp(max=capacity - 1)
+        batch.seq.scatter_(1, slots, torch.where(j < count[:, None], new, batch.seq.gather(1, slots)))
+        batch.n += count
+        active_h = [left > 0 for left in budget_h]
+        budget = torch.where(hit_eos, 0, budget - count)
+
+        acc_h, count_h, budget_h = torch.stack([accepted, count, budget]).tolist()  # the round's one host sync
+        if streamer is not None and count_h[0]:
+            streamer.put(new[0, : count_h[0]].cpu())
+        live = [a for a, on in zip(acc_h, active_h) if on]
+        totals["rounds"] += 1
+        totals["row_rounds"] += len(live)
+        totals["drafted"] += k * len(live)
+        totals["accepted"] += sum(live)
+        totals["generated"] += sum(count_h)
+        generated = [g + c for g, c in zip(generated, count_h)]
+        batch.n_max = batch.prompt_len + max(generated)
+        k_used.append(k)
+        length.update(live, k)
+
+    stats.update(totals, draft_lengths=k_used, mean_accepted=totals["accepted"] / max(totals["row_rounds"], 1),
+                 tokens_per_verify=totals["generated"] / max(totals["row_rounds"], 1),
+                 acceptance_rate=totals["accepted"] / max(totals["drafted"], 1))
+    if streamer is not None:
+        streamer.end()
+    longest = max(generated)
+    return torch.cat([input_ids, batch.seq[:, batch.prompt_len: batch.prompt_len + longest]], 1)

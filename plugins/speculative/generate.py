@@ -1,0 +1,126 @@
+"""`model.generate` with speculative decoding: the per-instance wrapper every speculative plugin installs.
+
+transformers' `generate()` still does all of its preparation (generation config, special tokens, attention mask,
+logits processors, stopping criteria); the wrapper hands it our loop as a `custom_generate` callable, which replaces
+only the decoding loop. A call the loop cannot serve exactly (beam search, a logits processor that depends on the
+sequence such as repetition penalty, stop strings, return_dict_in_generate, flash attention, a sliding window shorter
+than the generation, ...) runs transformers' own loop for that mode, with one warning per reason, so the output is
+always what the target alone would produce. The last call's acceptance statistics are in
+`model.hf_accel_spec_stats`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+from transformers.generation import logits_process as lp
+from transformers.generation import stopping_criteria as sc
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+from .decode import DraftLength, Sampler, speculative_generate
+
+STATS_ATTR = "hf_accel_spec_stats"
+# generate() arguments that choose another decoding path; such calls go to the wrapped generate untouched
+PASS_THROUGH = ("custom_generate", "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit",
+                "past_key_values", "inputs_embeds", "synced_gpus", "prefix_allowed_tokens_fn", "negative_prompt_ids")
+# warpers that look at the scores only, so applying them to every drafted position is what the target would do
+POSITION_FREE = tuple(getattr(lp, name) for name in (
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "InfNanRemoveLogitsProcessor") if hasattr(lp, name))
+MODEL_KWARGS = {"attention_mask", "use_cache", "past_key_values", "position_ids", "cache_position", "logits_to_keep"}
+
+
+def plan(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+    """(sampler, max_new_tokens, eos_ids) for our loop, or a reason why transformers' loop must run instead."""
+    mode = generation_config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        return f"generation mode {mode.value}"
+    if generation_config.return_dict_in_generate:
+        return "return_dict_in_generate (scores, logits, hidden states)"
+    extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in MODEL_KWARGS)
+    if extra:
+        return f"model inputs {extra}"
+    cache = model_kwargs.get("past_key_values")
+    if cache is not None and cache.get_seq_length() > 0:
+        return "a pre-filled past_key_values"
+    attn = getattr(model.config, "_attn_implementation", "eager")
+    if attn not in ("eager", "sdpa"):
+        return f"attn_implementation={attn!r} (per-row masks need 'sdpa' or 'eager')"
+    max_length, eos = None, None
+    for criterion in stopping_criteria:
+        if isinstance(criterion, sc.MaxLengthCriteria):
+            max_length = criterion.max_length
+        elif isinstance(criterion, sc.EosTokenCriteria):
+            eos = criterion.eos_token_id.to(input_ids.device)
+        else:
+            return f"stopping criterion {type(criterion).__name__}"
+    if max_length is None or max_length <= input_ids.shape[1]:
+        return "no max_length, or no new tokens to generate"
+    window = _sliding_window(model.config)
+    if window is not None and max_length + 1 > window:
+        return f"a sliding attention window ({window}) shorter than the generation"
+    greedy = mode == GenerationMode.GREEDY_SEARCH
+    others = [type(p).__name__ for p in logits_processor if greedy or not isinstance(p, POSITION_FREE)]
+    if others:
+        return f"logits processors {others}"
+    return Sampler(greedy, list(logits_processor)), max_length - input_ids.shape[1], eos
+
+
+def _sliding_window(config) -> int | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and all(t == "full_attention" for t in layer_types):
+        return None
+    return window
+
+
+def hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+    mode = generation_config.get_generation_mode()
+    method = getattr(type(model), GENERATION_MODES_MAPPING[mode])
+    extra = {"streamer": streamer} if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) else {}
+    return method(model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                  generation_config=generation_config, synced_gpus=False, **extra, **model_kwargs)
+
+
+def wrap_generate(model, original, name: str, make_drafter, length: DraftLength, stats: dict):
+    """The `generate` installed on the instance. `make_drafter(batch, sampler)` builds the round's drafter."""
+    warned: set[str] = set()
+
+    def warn_once(reason: str) -> None:
+        if reason not in warned:
+            warned.add(reason)
+            warnings.warn(f"hf_accel {name}: {reason}; this call runs without speculative decoding", stacklevel=3)
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        passing = [k for k in PASS_THROUGH if kwargs.get(k) is not None]
+        if passing:
+            warn_once(f"generate({passing[0]}=...) chooses its own decoding")
+            return original(*args, **kwargs)
+        streamer = kwargs.get("streamer")  # generate() does not hand it to a custom_generate callable
+
+        def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+            model_kwargs.pop("synced_gpus", None)
+            decided = plan(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+            if isinstance(decided, str):
+                warn_once(decided)
+                stats.clear()
+                stats.update(method=name, fallback=decided)
+                return hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                               model_kwargs)
+            sampler, max_new, eos = decided
+            pad = generation_config._pad_token_tensor
+            stats.clear()
+            stats.update(method=name, batch=input_ids.shape[0], sampling=not sampler.greedy)
+            return speculative_generate(
+                model, make_drafter, input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new,
+                sampler=sampler, eos_ids=eos, pad_id=int(pad) if pad is not None else 0, length=length,
+                stats=stats, streamer=streamer)
+
+        return original(*args, custom_generate=loop, **kwargs)
+
+    return generate
+
