@@ -1,0 +1,46 @@
+"""`kvquant`: int8 / int4 KV cache, KIVI-style (Liu et al. 2024, arXiv:2402.02750), combinable with any eviction
+plugin.
+
+Keys: divided by a per-channel scale taken from the prompt (the fixed outlier channels KIVI quantizes per channel
+for), then quantized per token in groups of `group` channels; values: quantized per token in groups of `group`
+channels; the `residual` most recent tokens stay in full precision. Asymmetric codes with a scale and minimum per
+group; int4 codes are packed two per byte. Every token owns its scales, so an eviction policy can drop any token
+without re-quantizing its neighbours (the full-precision window is never evicted).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from hf_accel.errors import OptionError
+
+from ._generate import QUANT_ATTR, KVPlugin
+
+
+@dataclass
+class KVQuant(KVPlugin):
+    """int8 / int4 KV cache (per-channel-scaled keys, per-token values, full-precision recent window)."""
+
+    name = "kvquant"
+    attr = QUANT_ATTR
+    bits: Literal[8, 4] = 4
+    group: int = 32  # channels sharing one scale and minimum
+    residual: int = 128  # most recent tokens kept in full precision
+
+    def __post_init__(self):
+        if self.group < 2 or self.group % 2 or self.residual < 0:
+            raise OptionError(f"plugin 'kvquant': 'group' must be an even number >= 2 and 'residual' >= 0 "
+                              f"(got group={self.group}, residual={self.residual})")
+
+    def check(self, model):
+        super().check(model)
+        text = model.config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head_dim % self.group:
+            raise OptionError(f"plugin 'kvquant': group={self.group} must divide the head dimension ({head_dim}); "
+                              f"try group={math.gcd(head_dim, self.group)}")
+
+    def card_metadata(self, model):
+        return {"kv_bits": self.bits, "kv_group": self.group, "kv_residual": self.residual}
