@@ -1,1 +1,18 @@
-"""Triton kernels, each next to the plain-torch reference it is tested against (installed as hf_accel.kernels)."""
+"""Triton kernels, each next to the plain-torch reference it is tested against (installed as hf_accel.kernels).
+
+Quantized linears (weight-only; activations bf16/fp16):
+- `w8.py`   int8 per-channel (W8A16) and fp8 e4m3 per-channel: ops `hf_accel::int8_linear`, `hf_accel::fp8_linear`
+- `int4.py` int4 group-wise asymmetric (group 32/64/128): op `hf_accel::int4_linear`
+Each op runs the Triton kernels on CUDA and the plain-torch reference elsewhere (`_base.py` says which kernel
+serves which batch size). Measurements and design notes: NOTES.md.
+"""
+
+from . import int4, tuned, w8
+from .int4 import int4_dequantize, int4_linear, int4_linear_ref, pack_int4, unpack_int4
+from .w8 import fp8_linear, int8_linear, w8_dequantize, w8_linear_ref
+
+for _key, _cfg in tuned.TUNED.items():
+    (int4.TUNED if _key[1].startswith("int4") else w8.TUNED)[_key] = _cfg
+
+__all__ = ["fp8_linear", "int4_dequantize", "int4_linear", "int4_linear_ref", "int8_linear", "pack_int4",
+           "unpack_int4", "w8_dequantize", "w8_linear_ref"]

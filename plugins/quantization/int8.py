@@ -1,15 +1,19 @@
 """Weight-only int8 quantization: per-output-channel symmetric scales (LLM.int8's weight format without outliers;
-the "W8A16" baseline of torchao's Int8WeightOnlyConfig)."""
+the "W8A16" baseline of torchao's Int8WeightOnlyConfig).
+
+The forward is the op `hf_accel::int8_linear` (hf_accel.kernels.w8): a Triton GEMV that streams the int8 weight
+once per token on CUDA (batch 1; tensor-core kernel up to 64 rows; dequantise + cuBLAS for prefill), plain torch
+elsewhere. One opaque op, so torch.compile and CUDA graphs capture it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hf_accel.errors import OptionError
+from hf_accel.kernels import int8_linear
 from hf_accel.plugin import Family, ModelKind, Plugin
 
 from .linear import linear_parts, replace_linears
@@ -56,9 +60,8 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.weight_scale.dtype) * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Scale after the matmul: one multiply per output instead of dequantising the whole matrix.
-        out = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
-        return out + self.bias.to(x.dtype) if self.bias is not None else out
+        # CPU: F.linear(x, q) * scale + b (scale after the matmul); CUDA: the fused Triton kernels.
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 per-channel"

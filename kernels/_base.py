@@ -1,0 +1,134 @@
+"""What the quantized-linear kernels share: Triton availability, launch configurations, and the dispatch rule.
+
+Every quantized linear goes through one `torch.library.custom_op` per format (`hf_accel::int8_linear`,
+`hf_accel::int4_linear`, `hf_accel::fp8_linear`), so torch.compile treats it as one opaque node with a shape-only
+fake implementation, and CUDA graphs capture it like any other kernel: a launch allocates its output (from the
+graph's pool under capture), picks its configuration from Python integers only, and never asks the device for a
+value. Inside the op:
+
+    CUDA, x in bf16/fp16, M rows      M == 1            -> GEMV kernel (CUDA cores, weights streamed once)
+                                      2 <= M <= DOT_M   -> tensor-core kernel (W as the MMA's A operand, x^T as B)
+                                      M > DOT_M         -> dequantise to x.dtype once, then cuBLAS (prefill)
+    anything else (CPU, fp32 x)       plain-torch reference (dequantise, F.linear)
+
+For the shapes measured on the H100 (`tuned.py`, from `scripts/bench_quant.py --tune`) the table names the faster
+of the two decode kernels and its block sizes per batch bucket; elsewhere the rule above with the default block
+sizes of w8.py / int4.py. Prefill: dequantise + cuBLAS ran at 656-669 TFLOP/s on the 8B MLP shape, a Triton GEMM
+at <= 429 (kernels/NOTES.md). DOT_M = 64 is a guess between the measured M = 16 and M = 2048.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:  # triton is optional on the CPU: the references need only torch
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAS_TRITON = False
+
+# Largest batch served by the tensor-core decode kernel; above it the prefill path (dequantise + cuBLAS) wins.
+DOT_M = int(os.environ.get("HF_ACCEL_QUANT_DOT_M", "64"))
+DOT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes of one launch. For the GEMV kernels `block_m` is 1; `block_k` is in weight elements."""
+
+    block_n: int
+    block_k: int
+    block_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+    cvt: int | None = None  # w8 kernels: byte -> float conversion (see w8.py); None = the format's default
+
+    def as_dict(self) -> dict:
+        d = {"block_n": self.block_n, "block_k": self.block_k, "block_m": self.block_m,
+             "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return d if self.cvt is None else {**d, "cvt": self.cvt}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton on CUDA for half-precision activations (the kernels' accumulate-in-fp32, round-once contract);
+    under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests only)."""
+    if not HAS_TRITON or x.dtype not in DOT_DTYPES:
+        return False
+    return x.is_cuda or (interpreting() and x.device.type == "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any number gives the same result
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_key(index: int) -> str:
+    name = torch.cuda.get_device_name(index).lower()
+    for key in ("h100", "h200", "a100", "l40s", "4090"):
+        if key in name:
+            return key
+    return "other"
+
+
+def device_key(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return _device_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def m_bucket(m: int) -> int:
+    """Batch sizes that share a tuned configuration: 1, 2, 4, 8, 16, 32, 64."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def choose(table: dict, fmt: str, m: int, n: int, k: int, device: torch.device, gemv_default, dot_default,
+           gemv_max_m: int = 1) -> tuple[str, LaunchConfig | None]:
+    """(kernel, config) for a batch of m rows: the measured choice for (device, format, batch bucket, N, K) when
+    the table has one, else the GEMV kernel up to `gemv_max_m` rows, the tensor-core kernel up to DOT_M rows, and
+    the prefill path ("dequant": dequantise, then cuBLAS) above."""
+    hit = table.get((device_key(device), fmt, m_bucket(m), n, k))
+    if hit is not None:
+        hit = dict(hit)
+        kind = hit.pop("kernel")
+        return kind, (LaunchConfig(**hit) if hit else None)
+    if m <= gemv_max_m:
+        return "gemv", gemv_default(m, n, k, sm_count(device))
+    if m <= DOT_M:
+        return "dot", dot_default(m, n, k, sm_count(device))
+    return "dequant", None
+
+
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous [M, K] matrix (a view when it already is one)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+if HAS_TRITON:
+    import triton.language as tl
+
+    @triton.jit
+    def dot(a, b, acc, INTERPRET: tl.constexpr):
+        """tl.dot, except under TRITON_INTERPRET=1, whose bf16 dot is wrong (triton 3.9: garbage on bf16 operands;
+        fp16 and fp32 are right): there the same (already rounded) operands are multiplied in fp32."""
+        if INTERPRET:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+else:  # pragma: no cover
+    dot = None

@@ -1,0 +1,98 @@
+"""Weight-only fp8 (e4m3) with a per-output-channel scale: half the bytes of bf16 linears, activations untouched.
+
+w = q * scale with q a float8_e4m3fn ([out, in], the `weight`) and scale = max|w_row| / 448 in the model's dtype
+(`weight_scale`, [out]). The forward is the op `hf_accel::fp8_linear` (hf_accel.kernels.w8): on CUDA a Triton GEMV
+that streams the fp8 bytes once per token (any GPU: the kernel decodes e4m3 itself, so no fp8 tensor cores are
+needed), a tensor-core kernel for small batches and dequantise + cuBLAS for prefill; plain torch elsewhere.
+Compared with int8 per-channel: the same bytes, a relative (floating) grid that keeps small weights precise and
+is coarser on large ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hf_accel.errors import OptionError
+from hf_accel.kernels import fp8_linear
+from hf_accel.kernels.w8 import FP8_MAX, w8_dequantize
+from hf_accel.plugin import Family, ModelKind, Plugin
+
+from .linear import linear_parts, replace_linears
+
+
+@torch.no_grad()
+def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (float8_e4m3fn [N, K], scale [N] in `dtype`); the codes use the stored (rounded) scale."""
+    dtype = dtype or weight.dtype
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    q = (w / scale.float()[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ (q * scale[:, None]).T + b with q float8_e4m3fn (out, in) and scale (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        frozen = dict(requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device), **frozen)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), **frozen)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), **frozen) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> "Fp8Linear":
+        module = cls.skeleton_of(linear)
+        _, _, weight, bias = linear_parts(linear)
+        q, scale = quantize_fp8(weight)
+        module.weight.data.copy_(q)
+        module.weight_scale.data.copy_(scale)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
+        return module
+
+    @classmethod
+    def skeleton_of(cls, linear: nn.Module) -> "Fp8Linear":
+        in_f, out_f, weight, bias = linear_parts(linear)
+        return cls(in_f, out_f, bias is not None, weight.dtype, weight.device)
+
+    def dequantize(self) -> torch.Tensor:
+        return w8_dequantize(self.weight, self.weight_scale, self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8 e4m3 per-channel"
+
+
+@dataclass
+class Fp8WeightOnly(Plugin):
+    """Weight-only fp8 (e4m3) with per-output-channel scales; halves weight memory of bf16 linears."""
+
+    name = "fp8"
+    family = Family.QUANTIZATION
+    supported_kinds = frozenset({ModelKind.CAUSAL_LM, ModelKind.TRANSFORMERS, ModelKind.DIFFUSION_MODEL})
+    conflicts_with = ("family:quantization", "family:compression")
+    rewrites_weights = True
+
+    skip: tuple[str, ...] = ("lm_head",)  # module-name patterns kept in full precision
+
+    def __post_init__(self):
+        if any(not p for p in self.skip):
+            raise OptionError("plugin 'fp8': option 'skip' must not contain empty patterns")
+
+    def apply(self, model, patcher):
+        if replace_linears(model, patcher, self.skip, Fp8Linear.from_linear) == 0:
+            raise OptionError(f"plugin 'fp8' found no linear layer to quantize in {type(model).__name__} (skip={list(self.skip)})")
+
+    def prepare_for_loading(self, model, patcher):
+        replace_linears(model, patcher, self.skip, Fp8Linear.skeleton_of)
+
+    def card_metadata(self, model):
+        n = sum(m.weight.numel() for m in model.modules() if isinstance(m, Fp8Linear))
+        return {"fp8_weights": n}
