@@ -167,3 +167,20 @@ def remove(model: Any) -> list[str]:
             stacklevel=2,
         )
     return left
+
+
+def find_applied(model: Any, name: str) -> tuple[Plugin, Any] | None:
+    """The applied plugin instance called `name` and the object it acts on (the model, or a pipeline's denoiser)."""
+    for part in _parts(model):
+        for applied in getattr(get_state(part), "applied", []):
+            if applied.plugin.name == name:
+                return applied.plugin, part
+    return None
+
+
+def options_changed(model: Any) -> None:
+    """Call after a plugin's options were updated in place (e.g. by calibration) so the saved spec follows."""
+    for part in _parts(model):
+        state = get_state(part)
+        if state is not None:
+            _notify(part, state)
