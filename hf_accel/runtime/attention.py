@@ -1,0 +1,104 @@
+"""Attention for the fast runtime: masks built from device-side slot indices, and SDPA that never repeats the cache.
+
+transformers' SDPA path repeats K/V per query head under torch.compile (`repeat_kv`): with grouped-query attention
+that copies the whole cache every step (4x for Llama-3). `fast_sdpa` instead folds the query heads of a group onto
+their KV head ([B, Hq, Q, D] -> [B, Hkv, G*Q, D]), which is exact and reads the cache once. It is registered as
+the attention implementation "hf_accel_sdpa" and used only inside the runtime's own forwards (`use_fast_attention`);
+anything it is not made for (long queries: the prefill) goes to transformers' `sdpa_attention_forward`.
+
+Masks are always 4-D here (transformers then skips its own mask code) or None for an unpadded causal prefill, which
+lets SDPA take its flash kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+FAST_SDPA = "hf_accel_sdpa"
+
+
+def fast_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    b, hq, q_len, d = query.shape
+    hkv = key.shape[1]
+    if attention_mask is None or attention_mask.dim() != 4 or q_len > 64 or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = hq // hkv
+    q = query.reshape(b, hkv, groups * q_len, d)  # head h*G+g of the queries reads KV head h (as repeat_kv does)
+    mask = attention_mask
+    if groups > 1 and q_len > 1:
+        mask = mask[:, :, None].expand(b, 1, groups, q_len, mask.shape[-1]).reshape(b, 1, groups * q_len, -1)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, q_len, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(FAST_SDPA, fast_sdpa)
+
+
+def mask_kind(model) -> str | None:
+    """"fast" (`fast_sdpa`: additive decode mask, bool prefill mask), "bool" (another SDPA-like function: the
+    contract), "additive" (eager), None: unsupported."""
+    impl = model.config._attn_implementation or "eager"
+    if impl in ("sdpa", FAST_SDPA):
+        return "fast"
+    if impl == "eager":
+        return "additive"
+    if "flash" in impl or impl in ("flex_attention", "paged_attention") or impl.startswith("paged"):
+        return None  # these take 2-D or block masks, not the 4-D masks the runtime builds
+    return "bool"  # an attention plugin's function: contract = bool 4-D mask, full-capacity K/V
+
+
+@contextlib.contextmanager
+def use_fast_attention(model):
+    """Route SDPA attention through `fast_sdpa` for the duration of a runtime forward (or a capture)."""
+    config = model.config
+    old = config._attn_implementation
+    swap = old == "sdpa"
+    if swap:
+        config._attn_implementation_internal = FAST_SDPA
+    try:
+        yield
+    finally:
+        if swap:
+            config._attn_implementation_internal = old
+
+
+def decode_mask(prompt_valid, prompt_len, slots, window: int | None, kind: str, dtype):
+    """[B, 1, Q, C]: key j is visible to query q (in slot slots[q]) if it is a real prompt token, or generated and not
+    after q; within `window` slots of q for sliding-window models. For `fast_sdpa` the mask is additive, built once
+    per step: SDPA would otherwise convert a bool mask to a float bias again in every layer."""
+    c = prompt_valid.shape[1]
+    j = torch.arange(c, device=prompt_valid.device)
+    q_slot = slots[:, None]  # [Q, 1]
+    mask = prompt_valid[:, None, :] | ((j >= prompt_len) & (j <= q_slot))[None]
+    if window:
+        mask = mask & (j > q_slot - window)[None]
+    return as_kind(mask[:, None], "additive" if kind == "fast" else kind, dtype)
+
+
+def prefill_mask(valid, window: int | None, kind: str, dtype):
+    """[B, 1, T, T] causal mask over the prompt (`valid` [B, T], False for left padding), or None when SDPA's own
+    causal path is exact (no padding, no window inside the prompt). Each query also sees itself, so padded
+    queries attend to something: their outputs are finite and their K/V can sit in masked cache slots."""
+    t = valid.shape[1]
+    if kind == "fast" and (not window or window >= t) and bool(valid.all()):
+        return None
+    i = torch.arange(t, device=valid.device)
+    allowed = i[None, :] <= i[:, None]
+    if window:
+        allowed = allowed & (i[None, :] > i[:, None] - window)
+    mask = (allowed[None] & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=valid.device)[None]
+    return as_kind(mask[:, None], kind, dtype)
+
+
+def as_kind(mask: torch.Tensor, kind: str, dtype):
+    """Bool masks stay bool (True = attend); eager attention adds its mask, so it gets 0 / dtype-min."""
+    if kind != "additive":
+        return mask
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)

@@ -1,0 +1,114 @@
+"""The static KV cache: one preallocated [batch, kv_heads, capacity, head_dim] buffer pair per layer.
+
+A transformers attention module calls `past_key_values.update(k, v, layer_idx)`; our layers answer in two modes:
+
+- prefill (eager, once per call): write the prompt's K/V into rows `rows`, slots [0, T), and return them as given,
+  so the prompt attends only to itself (T x T, flash when unpadded);
+- decode (captured): `index_copy_` the new K/V at the device-side slot indices `slots` and return the whole buffers.
+  The runtime's mask hides every slot that is not yet written, so nothing here depends on a host-side length.
+
+All layers of all (batch, capacity) buckets are views into one `KVPool` per runtime, so a new bucket costs no memory
+beyond the largest one; when the pool must grow, the runtime drops its captured graphs (they hold old addresses).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class Unsupported(Exception):
+    """The runtime cannot run this call (or, with `whole_model`, this model at all) exactly; the caller falls back
+    to transformers."""
+
+    def __init__(self, message: str, whole_model: bool = True):
+        super().__init__(message)
+        self.whole_model = whole_model
+
+
+class StaticKVLayer(CacheLayerMixin):
+    """K/V buffers of one layer. `mode`, `rows` and `slots` are set by the runtime before each forward."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+        self.capacity = keys.shape[2]
+        self.prefill_rows: slice | None = None  # None: decode mode
+        self.slots: torch.Tensor | None = None
+        self.written = False  # set by prefill: proves the model routes its K/V through this cache
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.prefill_rows is not None:
+            n = key_states.shape[2]
+            if key_states.shape[1] != self.keys.shape[1] or key_states.shape[3] != self.keys.shape[3]:
+                raise Unsupported(f"keys of shape {tuple(key_states.shape)} do not fit a cache of "
+                                  f"{self.keys.shape[1]} heads x {self.keys.shape[3]} dims")
+            self.keys[self.prefill_rows, :, :n].copy_(key_states)
+            self.values[self.prefill_rows, :, :n].copy_(value_states)
+            self.written = True
+            return key_states, value_states
+        self.keys.index_copy_(2, self.slots, key_states)
+        self.values.index_copy_(2, self.slots, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self, *args, **kwargs) -> int:  # only asked when position_ids are missing; we always pass them
+        return 0
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:  # masks are always given as 4-D tensors
+        return self.capacity, 0
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+
+class KVCache(Cache):
+    """A transformers `Cache` over runtime-owned layers (ours or a KV plugin's, see the contract in __init__)."""
+
+    def __init__(self, layers: list):
+        super().__init__(layers=layers)
+
+    def set_prefill(self, rows: slice | None) -> None:
+        for layer in self.layers:
+            layer.prefill_rows = rows
+
+    def set_slots(self, slots: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.slots = slots
+
+
+class KVPool:
+    """Flat K and V storage per layer, reused by every (batch, capacity) bucket; grows only when it must."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.n_layers, self.kv_heads, self.head_dim, self.dtype, self.device = n_layers, kv_heads, head_dim, dtype, device
+        self.tokens = 0  # batch x capacity the pool holds
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.n_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def ensure(self, batch: int, capacity: int) -> bool:
+        """Make room for [batch, capacity]; returns True when the storage moved (views taken before are stale)."""
+        need = batch * capacity
+        if need <= self.tokens:
+            return False
+        self.k, self.v = [], []  # free the old storage before taking the new
+        n = need * self.kv_heads * self.head_dim
+        # zeros, not empty: masked slots still enter the attention matmul with weight 0, and 0 * NaN is NaN
+        self.k = [torch.zeros(n, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.v = [torch.zeros(n, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.tokens = need
+        return True
+
+    def layers(self, batch: int, capacity: int) -> list[StaticKVLayer]:
+        n = batch * self.kv_heads * capacity * self.head_dim
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        return [StaticKVLayer(k[:n].view(shape), v[:n].view(shape)) for k, v in zip(self.k, self.v)]

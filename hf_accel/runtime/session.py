@@ -1,0 +1,408 @@
+"""The decode engine: per-bucket state, prefill, the captured decode step, and the forward/rewind API.
+
+A `Runtime` belongs to one model. It owns the KV pool, the compiled forward and one `Session` per bucket
+(batch rounded up to a power of two, capacity = prompt + new tokens rounded up to a quarter octave). A session holds
+every buffer its graphs read or write (`State`), so a CUDA graph captured once serves every later call of that
+bucket: a call copies its prompt and sampling values into the buffers and replays. Nothing in a step asks the host
+for a length: the KV slot, positions and the mask are computed on the device from `State.slot`.
+
+    tokens produced so far n  ->  ids[:, T + n - 1] is the next input token, its KV slot is `slot` = T + n - 1
+
+On the GPU the step's model forward goes through torch.compile (dynamic in batch and capacity, so new buckets do
+not recompile; coordinate-descent tuning turns batch-1 matmuls into Triton GEMVs that fuse with a quantized
+weight's dequantisation) and the whole step, sampling included, is captured as one CUDA graph. On the CPU the same
+functions run eagerly.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import warnings
+
+import torch
+
+from .attention import decode_mask, mask_kind, prefill_mask, use_fast_attention
+from .cache import KVCache, KVPool, Unsupported
+from .sampling import SamplingPlan, StepKey, choose, process
+
+
+def bucket_batch(b: int) -> int:
+    return 1 << (b - 1).bit_length() if b <= 64 else 32 * math.ceil(b / 32)
+
+
+def bucket_capacity(n: int, smallest: int = 256) -> int:
+    """Round up to a multiple of a quarter of the enclosing power of two (waste <= 25%), at least `smallest`."""
+    if n <= smallest:
+        return smallest
+    page = 1 << max((n - 1).bit_length() - 3, 0)
+    return page * math.ceil(n / page)
+
+
+class State:
+    """Device buffers of one (batch, capacity) bucket. Graphs hold their addresses: only ever write them in place."""
+
+    def __init__(self, b: int, c: int, vocab: int, device):
+        long, boolean = dict(dtype=torch.long, device=device), dict(dtype=torch.bool, device=device)
+        self.ids = torch.zeros(b, c, **long)  # prompt + generated tokens (the output)
+        self.prompt_valid = torch.zeros(b, c, **boolean)  # real (non-padding) prompt slots
+        self.prompt_len = torch.zeros(1, **long)  # T (padded prompt length)
+        self.slot = torch.zeros(1, **long)  # KV slot of the next input token
+        self.positions = torch.zeros(b, 1, **long)  # position id of the next input token
+        self.tokens = torch.zeros(b, 1, **long)  # the next input token
+        self.done = torch.zeros(b, **boolean)
+        self.all_done = torch.zeros(1, **boolean)
+        self.n_done = torch.zeros(b, **long)  # tokens generated when the row finished
+        self.seen = torch.zeros(b, vocab, **boolean)  # repetition penalty: tokens present in the row
+        self.eos = torch.full((8,), -1, **long)
+        self.eos_mask = torch.zeros(vocab, **boolean)
+        self.pad = torch.zeros(1, **long)
+        self.min_new = torch.zeros(1, **long)
+        self.min_len = torch.zeros(1, **long)
+        fl = dict(dtype=torch.float32, device=device)
+        self.temperature, self.top_p, self.penalty = torch.ones(1, **fl), torch.ones(1, **fl), torch.ones(1, **fl)
+
+    def load_plan(self, plan: SamplingPlan, n_rows: int, input_ids) -> None:
+        eos = torch.tensor(plan.eos[:8], dtype=torch.long)
+        self.eos.fill_(-1)
+        if plan.pad_finished:  # rows stop at EOS only when generate() built an EOS criterion
+            self.eos[: len(eos)] = eos.to(self.eos.device)
+        self.eos_mask.zero_()
+        if len(eos):
+            self.eos_mask[eos.to(self.eos.device)] = True
+        self.pad.fill_(plan.pad)
+        self.min_new.fill_(plan.min_new_tokens)
+        self.min_len.fill_(plan.min_length)
+        self.temperature.fill_(plan.temperature or 1.0)
+        self.top_p.fill_(plan.top_p if plan.top_p is not None else 1.0)
+        self.penalty.fill_(plan.repetition_penalty or 1.0)
+        if plan.repetition_penalty is not None:
+            counted = torch.ones_like(input_ids, dtype=torch.bool)
+            ignore = plan.penalty_ignore
+            if ignore is not None:
+                first = torch.as_tensor(ignore, device=input_ids.device).reshape(-1, 1)
+                counted = torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= first
+            counts = torch.zeros(n_rows, self.seen.shape[1], device=self.seen.device)
+            counts.scatter_add_(1, input_ids, counted.float())
+            self.seen.zero_()
+            self.seen[:n_rows] = counts > 0
+
+
+def sample_and_record(logits: torch.Tensor, st: State, key: StepKey) -> None:
+    """Choose the next token of every row from float32 logits [B, V] and advance the state by one token."""
+    tok = choose(process(logits, st, key), key.do_sample)
+    if key.pad_finished:
+        tok = torch.where(st.done, st.pad, tok)
+    n_new = st.slot - st.prompt_len + 2  # this token's rank among the new ones (1 = first)
+    st.ids.index_copy_(1, st.slot + 1, tok[:, None])
+    if key.penalty:
+        st.seen.scatter_(1, tok[:, None], True)
+    finished = (tok[:, None] == st.eos).any(dim=1)
+    st.n_done.copy_(torch.where(finished & ~st.done, n_new, st.n_done))
+    st.done.logical_or_(finished)
+    st.all_done.copy_(st.done.all())
+    st.tokens.copy_(tok[:, None])
+    st.positions.add_(1)
+    st.slot.add_(1)
+
+
+def forward_tokens(model, cache, tokens, positions, slots, prompt_valid, prompt_len, window: int, kind: str, dtype):
+    """Logits [B, Q, V] of Q new tokens whose K/V go to `slots` (the cache's layers were pointed at `slots`)."""
+    mask = decode_mask(prompt_valid, prompt_len, slots, window, kind, dtype)
+    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True)
+    return out.logits
+
+
+class Runtime:
+    """Everything the fast path keeps for one model: KV pool, compiled forward, sessions and their graphs."""
+
+    def __init__(self, model, *, compile: bool = True, cuda_graphs: bool = True, prefill_tokens: int = 16384,
+                 lookahead: int = 2):
+        self.model = model
+        self.options = {"compile": compile, "cuda_graphs": cuda_graphs}
+        self.prefill_tokens = prefill_tokens
+        self.lookahead = lookahead
+        self.stats = collections.Counter()  # captures, pool_moves, calls, fallbacks
+        self.disabled: str | None = None
+        self.warned: set[str] = set()
+        self.verified = False  # the first prefill proves that every layer writes through our cache
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.config = config
+        heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head = model.get_output_embeddings()
+        self.vocab = head.weight.shape[0] if head is not None else config.vocab_size
+        self.window, self.mixed_window = self._window(config)
+        self.placement = None
+        self.sessions: dict[tuple[int, int], Session] = {}
+        self._follow_model()
+
+    def _follow_model(self) -> None:
+        """(Re)derive device, dtype and mask kind from the model: it may have moved (`.cuda()`, `.half()`), changed
+        its attention implementation or had weights swapped (a plugin applied later) since the plugin was applied.
+        Any change drops the graphs (they hold the old addresses) and the cache."""
+        model = self.model
+        weights = hash(tuple(p.data_ptr() for p in model.parameters()))
+        placement = (next(model.parameters()).device, model.dtype, model.config._attn_implementation, weights)
+        if placement == self.placement:
+            return
+        self.placement = placement
+        self.device, self.dtype = placement[:2]
+        self.cuda = self.device.type == "cuda"
+        self.use_compile = self.options["compile"] and self.cuda
+        self.use_graphs = self.options["cuda_graphs"] and self.cuda
+        self.kind = mask_kind(model)
+        self.sessions = {}
+        self._forward = None
+        self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.pool = KVPool(self.config.num_hidden_layers, self.kv_heads, self.head_dim, self.dtype, self.device)
+
+    @staticmethod
+    def _window(config) -> tuple[int, bool]:
+        window = getattr(config, "sliding_window", None) or 0
+        types = set(getattr(config, "layer_types", None) or [])
+        return window, bool(window and "full_attention" in types and len(types) > 1)
+
+    def check(self, capacity: int) -> None:
+        self._follow_model()
+        if self.disabled:
+            raise Unsupported(self.disabled)
+        if getattr(self.model.config, "is_encoder_decoder", False):
+            raise Unsupported("encoder-decoder models are not supported")
+        if self.kind is None:
+            raise Unsupported(f"attention implementation {self.model.config._attn_implementation!r} takes no 4-D mask "
+                              "(use attn_implementation='sdpa' or 'eager')", whole_model=False)
+        if self.mixed_window and self.window < capacity:
+            raise Unsupported(f"mixed full/sliding-window layers with a window ({self.window}) shorter than the "
+                              "cache", whole_model=False)
+
+    # --- forward, compiled on CUDA ---------------------------------------------------------------------------------
+
+    def forward_fn(self):
+        if self._forward is None:
+            self._forward = forward_tokens
+            if self.use_compile:
+                self._forward = torch.compile(forward_tokens, options={"coordinate_descent_tuning": True})
+        return self._forward
+
+    def uncompile(self, error: BaseException) -> None:
+        self.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); the decode step runs eagerly "
+                  "inside its CUDA graph")
+        self.use_compile, self._forward = False, forward_tokens
+
+    def warn(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            warnings.warn(f"hf_accel 'fast': {message}", stacklevel=3)
+
+    # --- sessions --------------------------------------------------------------------------------------------------
+
+    def session(self, batch: int, capacity: int) -> "Session":
+        key = (bucket_batch(batch), capacity)
+        if key[0] * key[1] > self.pool.tokens:  # the pool must move: every graph points at the old storage
+            self.sessions = {}  # first, so that the old storage is free before the new one is taken
+            self.pool.ensure(*key)
+            self.stats["pool_moves"] += 1
+        if key not in self.sessions:
+            self.sessions[key] = Session(self, *key)
+        return self.sessions[key]
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256):
+        """Prefill a prompt for a caller that runs its own loop (speculative decoding): returns (session, logits of
+        the last prompt position [B, V]); the session's next `forward` places its tokens right after the prompt."""
+        n, t = input_ids.shape
+        capacity = bucket_capacity(t + max_new_tokens)
+        self.check(capacity)
+        session = self.session(n, capacity)
+        logits = session.prefill(input_ids, attention_mask)
+        session.state.slot.add_(1)
+        session.state.positions.add_(1)
+        return session, logits[:n]
+
+    def release(self) -> None:
+        """Drop graphs, sessions and the KV pool (the next call captures again)."""
+        self.sessions = {}
+        self.pool.k, self.pool.v, self.pool.tokens = [], [], 0
+
+
+class Session:
+    """One (batch, capacity) bucket: its cache views, its state and the graphs captured over them."""
+
+    def __init__(self, rt: Runtime, batch: int, capacity: int):
+        self.rt, self.batch, self.capacity = rt, batch, capacity
+        factory = getattr(rt.model, "_hf_accel_kv_layer", None)  # a KV plugin's layer factory (see __init__)
+        if factory is not None:
+            layers = [factory(i, batch, capacity, rt.kv_heads, rt.head_dim, rt.dtype, rt.device)
+                      for i in range(rt.config.num_hidden_layers)]
+        else:
+            layers = rt.pool.layers(batch, capacity)
+        self.cache = KVCache(layers)
+        self.state = State(batch, capacity, rt.vocab, rt.device)
+        self.graphs: dict[tuple, object] = {}
+        self.verify_buffers: dict[int, tuple] = {}
+        self.n_rows = 0
+
+    # -- running a function eagerly, or capturing it once and replaying ----------------------------------------------
+
+    def _mark_dynamic(self) -> None:
+        """Batch (when > 1) and capacity are symbolic for torch.compile: one compile serves every bucket."""
+        mark = torch._dynamo.maybe_mark_dynamic
+        st = self.state
+        for layer in self.cache.layers:
+            for t in (layer.keys, layer.values):
+                mark(t, 2)
+                if self.batch > 1:
+                    mark(t, 0)
+        mark(st.prompt_valid, 1)
+        if self.batch > 1:
+            for t in (st.prompt_valid, st.tokens, st.positions):
+                mark(t, 0)
+
+    def _run(self, key: tuple, fn) -> None:
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        if self.rt.use_compile:
+            self._mark_dynamic()
+        with use_fast_attention(self.rt.model):
+            fn()
+
+    def _capture(self, key: tuple, fn) -> None:
+        """Warm `fn` up twice on a side stream (this runs it: callers save or reset the state), then capture it."""
+        rt = self.rt
+        if rt.use_compile:
+            self._mark_dynamic()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with use_fast_attention(rt.model), torch.cuda.stream(stream):
+            for _ in range(2):  # compiles, autotunes, creates cuBLAS handles: none of that may happen under capture
+                try:
+                    fn()
+                except Exception as e:
+                    if not rt.use_compile:
+                        raise Unsupported(f"the decode step of {type(rt.model).__name__} failed "
+                                          f"({type(e).__name__}: {str(e)[:300]})") from e
+                    rt.uncompile(e)
+                    fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with use_fast_attention(rt.model), torch.cuda.graph(graph, pool=rt._mempool):
+                fn()
+        except Exception as e:
+            raise Unsupported(f"could not capture the decode step of {type(rt.model).__name__} as a CUDA graph "
+                              f"({type(e).__name__}: {str(e)[:300]})") from e
+        rt.stats["captures"] += 1
+        self.graphs[key] = graph
+
+    def prepare_decode(self, key: StepKey) -> None:
+        """Capture the decode step for this plan before the prefill (warm-up steps scribble on the state)."""
+        if self.rt.use_graphs and ("decode", key) not in self.graphs:
+            self.state.slot.fill_(0)
+            self.cache.set_slots(self.state.slot)
+            self._capture(("decode", key), lambda: self._decode_step(key))
+
+    def _decode_step(self, key: StepKey) -> None:
+        rt, st = self.rt, self.state
+        logits = rt.forward_fn()(rt.model, self.cache, st.tokens, st.positions, st.slot, st.prompt_valid,
+                                 st.prompt_len, rt.window, rt.kind, rt.dtype)
+        sample_and_record(logits[:, -1].float(), st, key)
+
+    def decode(self, key: StepKey) -> None:
+        """One token for every row: a graph replay (or the eager step on the CPU)."""
+        self.cache.set_slots(self.state.slot)
+        self._run(("decode", key), lambda: self._decode_step(key))
+
+    # -- prefill ---------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the prompt, fill the cache and the state; return the last position's float32 logits [batch, V].
+        Afterwards slot = T - 1 and positions = last prompt position: `sample_and_record` then advances both."""
+        rt, st = self.rt, self.state
+        n, t = input_ids.shape
+        self.n_rows = n
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        st.ids.zero_()
+        st.ids[:n, :t] = input_ids
+        st.prompt_valid.zero_()
+        st.prompt_valid[:n, :t] = valid
+        st.prompt_len.fill_(t)
+        st.slot.fill_(t - 1)
+        st.positions.fill_(-1)
+        st.positions[:n, 0] = valid.sum(1) - 1
+        st.done.zero_()
+        st.done[n:] = True  # rows that only fill the batch bucket
+        st.n_done.zero_()
+        st.all_done.zero_()
+        position_ids = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+        logits = torch.zeros(self.batch, rt.vocab, dtype=torch.float32, device=rt.device)
+        rows = max(1, rt.prefill_tokens // t)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(rt.model) else {}
+        with use_fast_attention(rt.model):
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                self.cache.set_prefill(slice(r0, r1))
+                try:
+                    out = rt.model(input_ids=input_ids[r0:r1], position_ids=position_ids[r0:r1],
+                                   attention_mask=prefill_mask(valid[r0:r1], rt.window, rt.kind, rt.dtype),
+                                   past_key_values=self.cache, use_cache=True, **keep)
+                finally:
+                    self.cache.set_prefill(None)
+                logits[r0:r1] = out.logits[:, -1].float()
+        if not rt.verified:
+            layers = self.cache.layers
+            if not all(getattr(layer, "written", True) for layer in layers):
+                raise Unsupported(f"{type(rt.model).__name__} does not write its keys/values through the cache "
+                                  "(`past_key_values.update`), so a static cache cannot serve it")
+            rt.verified = True
+        return logits
+
+    # -- the contract for speculative decoding: forward Q tokens, rewind ------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, Q, V] (float32) of Q tokens placed at the next Q slots; advances slot and positions by Q.
+        Captured once per Q. The returned buffer is overwritten by the next call with the same Q."""
+        rt, st = self.rt, self.state
+        q = tokens.shape[1]
+        if q not in self.verify_buffers:
+            self.verify_buffers[q] = (
+                torch.zeros(self.batch, q, dtype=torch.long, device=rt.device),
+                torch.zeros(q, dtype=torch.long, device=rt.device),
+                torch.zeros(self.batch, q, dtype=torch.long, device=rt.device),
+                torch.zeros(self.batch, q, rt.vocab, dtype=torch.float32, device=rt.device),
+            )
+        tok, slots, pos, out = self.verify_buffers[q]
+        tok[: tokens.shape[0]].copy_(tokens)
+        offsets = torch.arange(q, device=rt.device)
+
+        def step():
+            slots.copy_(st.slot + offsets)
+            pos.copy_(st.positions + offsets)
+            out.copy_(rt.forward_fn()(rt.model, self.cache, tok, pos, slots, st.prompt_valid, st.prompt_len,
+                                      rt.window, rt.kind, rt.dtype).float())
+            st.slot.add_(q)
+            st.positions.add_(q)
+
+        self.cache.set_slots(slots)
+        if ("forward", q) not in self.graphs and rt.use_graphs:  # warm-up runs advance the state: put it back
+            saved = st.slot.clone(), st.positions.clone()
+            self._capture(("forward", q), step)
+            st.slot.copy_(saved[0])
+            st.positions.copy_(saved[1])
+        self._run(("forward", q), step)
+        return out
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens (their slots are masked from now on and overwritten by the next ones)."""
+        self.state.slot.sub_(n)
+        self.state.positions.sub_(n)
+
+
+def _forward_params(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)

@@ -1,0 +1,1 @@
+"""Runtime plugins: how the (possibly rewritten) weights are executed inside generate()."""
