@@ -15,12 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hf_accel.errors import OptionError
 from hf_accel.kernels import fp8_linear
 from hf_accel.kernels.w8 import FP8_MAX, w8_dequantize
-from hf_accel.plugin import Family, ModelKind, Plugin
 
-from .linear import linear_parts, replace_linears
+from .linear import WeightOnlyLinearPlugin, linear_parts
 
 
 @torch.no_grad()
@@ -71,27 +69,16 @@ class Fp8Linear(nn.Module):
 
 
 @dataclass
-class Fp8WeightOnly(Plugin):
+class Fp8WeightOnly(WeightOnlyLinearPlugin):
     """Weight-only fp8 (e4m3) with per-output-channel scales; halves weight memory of bf16 linears."""
 
     name = "fp8"
-    family = Family.QUANTIZATION
-    supported_kinds = frozenset({ModelKind.CAUSAL_LM, ModelKind.TRANSFORMERS, ModelKind.DIFFUSION_MODEL})
-    conflicts_with = ("family:quantization", "family:compression")
-    rewrites_weights = True
 
-    skip: tuple[str, ...] = ("lm_head",)  # module-name patterns kept in full precision
+    def quantize(self, linear):
+        return Fp8Linear.from_linear(linear)
 
-    def __post_init__(self):
-        if any(not p for p in self.skip):
-            raise OptionError("plugin 'fp8': option 'skip' must not contain empty patterns")
-
-    def apply(self, model, patcher):
-        if replace_linears(model, patcher, self.skip, Fp8Linear.from_linear) == 0:
-            raise OptionError(f"plugin 'fp8' found no linear layer to quantize in {type(model).__name__} (skip={list(self.skip)})")
-
-    def prepare_for_loading(self, model, patcher):
-        replace_linears(model, patcher, self.skip, Fp8Linear.skeleton_of)
+    def skeleton(self, linear):
+        return Fp8Linear.skeleton_of(linear)
 
     def card_metadata(self, model):
         n = sum(m.weight.numel() for m in model.modules() if isinstance(m, Fp8Linear))

@@ -22,9 +22,8 @@ from torch import nn
 
 from hf_accel.errors import OptionError
 from hf_accel.kernels.int4 import GROUP_SIZES, int4_dequantize, int4_linear, pack_int4, padded_k
-from hf_accel.plugin import Family, ModelKind, Plugin
 
-from .linear import linear_parts, replace_linears
+from .linear import WeightOnlyLinearPlugin, linear_parts
 
 ROWS_PER_STEP = 2048  # quantize this many rows at a time (bounds the fp32 working memory)
 
@@ -150,32 +149,24 @@ class Int4Linear(nn.Module):
 
 
 @dataclass
-class Int4WeightOnly(Plugin):
+class Int4WeightOnly(WeightOnlyLinearPlugin):
     """Weight-only int4, group-wise asymmetric (group 32/64/128, RTN or data-free HQQ); ~3.5x smaller linears."""
 
     name = "int4"
-    family = Family.QUANTIZATION
-    supported_kinds = frozenset({ModelKind.CAUSAL_LM, ModelKind.TRANSFORMERS, ModelKind.DIFFUSION_MODEL})
-    conflicts_with = ("family:quantization", "family:compression")
-    rewrites_weights = True
 
     group_size: int = 128
     method: Literal["rtn", "hqq"] = "hqq"
-    skip: tuple[str, ...] = ("lm_head",)  # module-name patterns kept in full precision
 
     def __post_init__(self):
+        super().__post_init__()
         if self.group_size not in GROUP_SIZES:
             raise OptionError(f"plugin 'int4': option 'group_size' must be one of {list(GROUP_SIZES)}, got {self.group_size}")
-        if any(not p for p in self.skip):
-            raise OptionError("plugin 'int4': option 'skip' must not contain empty patterns")
 
-    def apply(self, model, patcher):
-        make = lambda linear: Int4Linear.from_linear(linear, self.group_size, self.method)  # noqa: E731
-        if replace_linears(model, patcher, self.skip, make) == 0:
-            raise OptionError(f"plugin 'int4' found no linear layer to quantize in {type(model).__name__} (skip={list(self.skip)})")
+    def quantize(self, linear):
+        return Int4Linear.from_linear(linear, self.group_size, self.method)
 
-    def prepare_for_loading(self, model, patcher):
-        replace_linears(model, patcher, self.skip, lambda linear: Int4Linear.skeleton_of(linear, self.group_size))
+    def skeleton(self, linear):
+        return Int4Linear.skeleton_of(linear, self.group_size)
 
     def card_metadata(self, model):
         mods = [m for m in model.modules() if isinstance(m, Int4Linear)]

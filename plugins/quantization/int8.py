@@ -12,11 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hf_accel.errors import OptionError
 from hf_accel.kernels import int8_linear
-from hf_accel.plugin import Family, ModelKind, Plugin
 
-from .linear import linear_parts, replace_linears
+from .linear import WeightOnlyLinearPlugin, linear_parts
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,27 +66,16 @@ class Int8Linear(nn.Module):
 
 
 @dataclass
-class Int8WeightOnly(Plugin):
+class Int8WeightOnly(WeightOnlyLinearPlugin):
     """Weight-only int8 with per-output-channel symmetric scales; halves weight memory of bf16 linears."""
 
     name = "int8"
-    family = Family.QUANTIZATION
-    supported_kinds = frozenset({ModelKind.CAUSAL_LM, ModelKind.TRANSFORMERS, ModelKind.DIFFUSION_MODEL})
-    conflicts_with = ("family:quantization", "family:compression")
-    rewrites_weights = True
 
-    skip: tuple[str, ...] = ("lm_head",)  # module-name patterns kept in full precision
+    def quantize(self, linear):
+        return Int8Linear.from_linear(linear)
 
-    def __post_init__(self):
-        if any(not p for p in self.skip):
-            raise OptionError("plugin 'int8': option 'skip' must not contain empty patterns")
-
-    def apply(self, model, patcher):
-        if replace_linears(model, patcher, self.skip, Int8Linear.from_linear) == 0:
-            raise OptionError(f"plugin 'int8' found no linear layer to quantize in {type(model).__name__} (skip={list(self.skip)})")
-
-    def prepare_for_loading(self, model, patcher):
-        replace_linears(model, patcher, self.skip, Int8Linear.skeleton_of)
+    def skeleton(self, linear):
+        return Int8Linear.skeleton_of(linear)
 
     def card_metadata(self, model):
         n = sum(m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear))

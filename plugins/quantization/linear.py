@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from hf_accel.errors import OptionError
 from hf_accel.patching import Patcher
+from hf_accel.plugin import Family, ModelKind, Plugin
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -43,3 +46,37 @@ def replace_linears(
         with torch.no_grad():
             patcher.swap_module(model, name, make(linear), rewrites_weights=True)
     return len(targets)
+
+
+@dataclass
+class WeightOnlyLinearPlugin(Plugin):
+    """Shared plumbing of the weight-only linear formats: pick the layers, swap them, rebuild them for loading.
+
+    A format subclass sets `name`, adds its own options and implements `quantize(linear)` (float layer → packed
+    module) and `skeleton(linear)` (an empty packed module for saved weights to load into)."""
+
+    family = Family.QUANTIZATION
+    supported_kinds = frozenset({ModelKind.CAUSAL_LM, ModelKind.TRANSFORMERS, ModelKind.DIFFUSION_MODEL})
+    conflicts_with = ("family:quantization", "family:compression")
+    rewrites_weights = True
+
+    skip: tuple[str, ...] = ("lm_head",)  # module-name patterns kept in full precision
+
+    def __post_init__(self):
+        if any(not p for p in self.skip):
+            raise OptionError(f"plugin {self.name!r}: option 'skip' must not contain empty patterns")
+
+    def quantize(self, linear: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def skeleton(self, linear: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def apply(self, model, patcher):
+        if replace_linears(model, patcher, self.skip, self.quantize) == 0:
+            raise OptionError(
+                f"plugin {self.name!r} found no linear layer to quantize in {type(model).__name__} (skip={list(self.skip)})"
+            )
+
+    def prepare_for_loading(self, model, patcher):
+        replace_linears(model, patcher, self.skip, self.skeleton)
