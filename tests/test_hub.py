@@ -59,3 +59,21 @@ def test_plain_models_push_as_usual(hub):
     config = json.loads(open(hf_hub_download("user/plain", "config.json")).read())
     assert "quantization_config" not in config
     assert torch.equal(AutoModelForCausalLM.from_pretrained("user/plain")(sample_ids()).logits, model(sample_ids()).logits)
+
+
+def test_revision_and_local_files_only_with_accel(hub):
+    from huggingface_hub import HfApi
+
+    model = build("mistral")
+    model.push_to_hub("user/base")  # plain checkpoint on main
+    api = HfApi()
+    api.create_branch("user/base", branch="v2")
+    changed = build("mistral", seed=1)
+    changed.push_to_hub("user/base", revision="v2")
+    ids = sample_ids()
+    on_v2 = AutoModelForCausalLM.from_pretrained("user/base", revision="v2", accel="int8")
+    on_main = AutoModelForCausalLM.from_pretrained("user/base", accel="int8")
+    assert hf_accel.get_config(on_v2).names == ["int8"]
+    assert not torch.equal(on_v2(ids).logits, on_main(ids).logits)
+    cached = AutoModelForCausalLM.from_pretrained("user/base", revision="v2", accel="int8", local_files_only=True)
+    assert torch.equal(cached(ids).logits, on_v2(ids).logits)
