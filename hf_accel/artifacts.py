@@ -42,9 +42,14 @@ def weight_files(directory: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in Path(directory).glob("*.safetensors"))
 
 
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """What an artifact records about one of its files, checked by `check_file` on load."""
+    return {"sha256": sha256_file(path), "size": Path(path).stat().st_size}
+
+
 def checksums(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
     d = Path(directory)
-    return {name: {"sha256": sha256_file(d / name), "size": (d / name).stat().st_size} for name in weight_files(d)}
+    return {name: file_record(d / name) for name in weight_files(d)}
 
 
 def lift_guard(config_dict: dict) -> dict:
@@ -100,18 +105,23 @@ def verify_transformers_artifact(path_or_repo: str | os.PathLike, hub_kwargs: di
             local = cached_file(path_or_repo, name, **hub_kwargs)
         except Exception as e:
             raise ArtifactError(f"hf_accel artifact {path_or_repo}: weight file {name} is missing ({e})") from None
-        size = os.path.getsize(local)
-        if size != expected["size"]:
-            raise ArtifactError(
-                f"hf_accel artifact {path_or_repo}: {name} has {size} bytes but was saved with {expected['size']}: "
-                "the file is truncated or was modified. Re-download it (force_download=True) or save the model again."
-            )
-        digest = sha256_file(local)
-        if digest != expected["sha256"]:
-            raise ArtifactError(
-                f"hf_accel artifact {path_or_repo}: {name} does not match the SHA-256 recorded when it was saved "
-                f"({digest[:12]}… vs {expected['sha256'][:12]}…): the file was modified. Re-download it or save again."
-            )
+        check_file(local, expected, f"hf_accel artifact {path_or_repo}: {name}")
+
+
+def check_file(local: str | os.PathLike, expected: dict[str, Any], what: str) -> None:
+    """Refuse a file whose size or SHA-256 differs from what was recorded when the artifact was saved."""
+    size = os.path.getsize(local)
+    if size != expected["size"]:
+        raise ArtifactError(
+            f"{what} has {size} bytes but was saved with {expected['size']}: the file is truncated or was "
+            "modified. Re-download it (force_download=True) or save the model again."
+        )
+    digest = sha256_file(local)
+    if digest != expected["sha256"]:
+        raise ArtifactError(
+            f"{what} does not match the SHA-256 recorded when it was saved "
+            f"({digest[:12]}… vs {expected['sha256'][:12]}…): the file was modified. Re-download it or save again."
+        )
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, token=None, private=None, revision=None,

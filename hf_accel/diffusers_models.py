@@ -27,7 +27,7 @@ import torch
 from diffusers import ModelMixin  # noqa: F401  diffusers looks up the base classes of a component here by name
 
 from .apply import apply, get_config
-from .artifacts import GUARD_MESSAGE, sha256_file
+from .artifacts import GUARD_MESSAGE, check_file, file_record
 from .config import AccelConfig
 from .errors import AccelError, ArtifactError, ConflictError
 from .version import __version__
@@ -198,8 +198,7 @@ def finalize(model: Any, directory: Path, variant: str | None) -> None:
         raise ArtifactError(f"{config_path} has no hf_accel spec; was it written by {type(model).__name__}.save_pretrained?")
     record["variant"] = variant
     record["checksums"] = {
-        name: {"sha256": sha256_file(directory / name), "size": (directory / name).stat().st_size}
-        for name in _written_files(directory, variant)
+        name: file_record(directory / name) for name in _written_files(directory, variant)
     }
     config["quantization_config"] = GUARD
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -234,18 +233,7 @@ def _fetch(path_or_repo, name: str, expected: dict, hub: dict) -> str:
             raise ArtifactError(f"hf_accel artifact {where}: weight file {name} is missing ({e})") from None
     if os.environ.get("HF_ACCEL_VERIFY", "1") == "0":
         return local
-    size = os.path.getsize(local)
-    if size != expected["size"]:
-        raise ArtifactError(
-            f"hf_accel artifact {where}: {name} has {size} bytes but was saved with {expected['size']}: the file is "
-            "truncated or was modified. Re-download it (force_download=True) or save the model again."
-        )
-    digest = sha256_file(local)
-    if digest != expected["sha256"]:
-        raise ArtifactError(
-            f"hf_accel artifact {where}: {name} does not match the SHA-256 recorded when it was saved "
-            f"({digest[:12]}… vs {expected['sha256'][:12]}…): the file was modified. Re-download it or save again."
-        )
+    check_file(local, expected, f"hf_accel artifact {where}: {name}")
     return local
 
 
