@@ -44,6 +44,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _card_data(library_name: str, base_model: str | None, spec, metrics: list[dict]) -> ModelCardData:
+    """Front matter: the spec and metrics under `hf_accel:` (read back by `hf-accel card`), tags for search."""
+    return ModelCardData(
+        base_model=base_model,
+        library_name=library_name,
+        tags=["hf_accel", *[f"hf_accel-{p.name}" for p in spec.plugins]],
+        hf_accel={"version": __version__, "spec": spec.to_string(), "config": spec.to_dict(), "metrics": metrics},
+    )
+
+
 def _template(name: str = "model_card.md.j2") -> str:
     return resources.files("hf_accel.model_cards").joinpath(name).read_text()
 
@@ -81,12 +91,7 @@ def render_card(model: Any, directory: str | os.PathLike, repo_id: str | None = 
     plugins = _plugin_rows(spec)
     metrics = _existing_metrics(directory) + list(getattr(model, METRICS_ATTR, []) or [])
     files = [{"name": k, **v} for k, v in (qc.get("checksums") or {}).items()]
-    card_data = ModelCardData(
-        base_model=base_model,
-        library_name="transformers",
-        tags=["hf_accel", *[f"hf_accel-{p.name}" for p in spec.plugins]],
-        hf_accel={"version": __version__, "spec": spec.to_string(), "config": spec.to_dict(), "metrics": metrics},
-    )
+    card_data = _card_data("transformers", base_model, spec, metrics)
     return ModelCard.from_template(
         card_data,
         template_str=_template(),
@@ -175,12 +180,7 @@ def _render_diffusers_card(model: Any, directory: Path, repo_id: str | None, fac
     ]
     architecture = facts["pipeline"] or (components[0]["architecture"] if components else "?")
     metrics = _existing_metrics(directory) + list(getattr(model, METRICS_ATTR, []) or [])
-    card_data = ModelCardData(
-        base_model=base_model,
-        library_name="diffusers",
-        tags=["hf_accel", *[f"hf_accel-{p.name}" for p in spec.plugins]],
-        hf_accel={"version": __version__, "spec": spec.to_string(), "config": spec.to_dict(), "metrics": metrics},
-    )
+    card_data = _card_data("diffusers", base_model, spec, metrics)
     return ModelCard.from_template(
         card_data,
         template_str=_template("diffusers_card.md.j2"),
