@@ -47,11 +47,19 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 1
     cvt: int | None = None  # w8 kernels: byte -> float conversion (see w8.py); None = the format's default
+    split_k: int = 1  # "bgemv" kernels: programs along K (fp32 partials, then one reduce kernel)
+    acc3: bool = True  # "bgemv" kernels: keep a [M, N, K] accumulator, reduce once (else reduce every step)
 
     def as_dict(self) -> dict:
         d = {"block_n": self.block_n, "block_k": self.block_k, "block_m": self.block_m,
              "num_warps": self.num_warps, "num_stages": self.num_stages}
-        return d if self.cvt is None else {**d, "cvt": self.cvt}
+        if self.cvt is not None:
+            d["cvt"] = self.cvt
+        if self.split_k != 1:
+            d["split_k"] = self.split_k
+        if not self.acc3:
+            d["acc3"] = False
+        return d
 
 
 def interpreting() -> bool:
@@ -103,6 +111,8 @@ def choose(table: dict, fmt: str, m: int, n: int, k: int, device: torch.device, 
     the table has one, else the GEMV kernel up to `gemv_max_m` rows, the tensor-core kernel up to DOT_M rows, and
     the prefill path ("dequant": dequantise, then cuBLAS) above."""
     hit = table.get((device_key(device), fmt, m_bucket(m), n, k))
+    if hit is None and m > DOT_M:  # bucket 0: the measured prefill choice ("dequant" or "dot") for any M > DOT_M
+        hit = table.get((device_key(device), fmt, 0, n, k))
     if hit is not None:
         hit = dict(hit)
         kind = hit.pop("kernel")
@@ -112,6 +122,14 @@ def choose(table: dict, fmt: str, m: int, n: int, k: int, device: torch.device, 
     if m <= DOT_M:
         return "dot", dot_default(m, n, k, sm_count(device))
     return "dequant", None
+
+
+def split_plan(k_units: int, step: int, split_k: int) -> tuple[int, int]:
+    """(steps per split, splits actually used) so that split_k programs cover k_units in blocks of `step`."""
+    steps = -(-k_units // step)
+    split_k = max(1, min(split_k, steps))
+    per = -(-steps // split_k)
+    return per, -(-steps // per)
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:
@@ -130,5 +148,26 @@ if HAS_TRITON:
         if INTERPRET:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
         return tl.dot(a, b, acc)
+    @triton.jit
+    def _splitk_reduce(p_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """y[m, n] = sum_s partial[s, m, n] (+ bias[n]), rounded once to y's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    def splitk_reduce(partials: torch.Tensor, bias, y: torch.Tensor) -> torch.Tensor:
+        """partials fp32 [S, M, N] -> y [M, N] (contiguous)."""
+        s, m, n = partials.shape
+        block = 1024
+        _splitk_reduce[(triton.cdiv(m * n, block),)](partials, bias if bias is not None else partials, y, m * n, n,
+                                                      SPLIT=s, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+        return y
 else:  # pragma: no cover
     dot = None
+    splitk_reduce = None

@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._base import HAS_TRITON, LaunchConfig, choose, dot, flatten, interpreting, sm_count, use_triton
+from ._base import (HAS_TRITON, LaunchConfig, choose, dot, flatten, interpreting, sm_count, split_plan, splitk_reduce,
+                    use_triton)
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -212,6 +213,75 @@ if HAS_TRITON:
                      mask=ok[:, :, None] & (k < K))
 
 
+    @triton.jit
+    def _int4_bgemv(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NG, STEPS, stride_xm, stride_ym,
+                    G: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
+                    ACC3: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr):
+        """v3 GEMV (kernels/NOTES.md, "Next"): a 2-D [BLOCK_N, BKW] tile of words, contiguous along dim 1 (the
+        layout order is unambiguous), BLOCK_M rows of x per program reusing each decoded tile, the scale and zero
+        applied per word after the 8 planes: s * (sum_i (128 + q_i) x_i - (128 + z) * sum_i x_i). With SPLIT > 1,
+        program (n, m, s) covers STEPS steps of K and writes fp32 partials [SPLIT, M, N] (reduced by
+        `_base.splitk_reduce`)."""
+        WPG: tl.constexpr = G // 8
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        KW = NG * WPG  # words per row
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn_in = tl.where(rn < N, rn, 0)
+        rm_in = tl.where(rm < M, rm, 0)
+        rw = tl.arange(0, BKW)
+        w_first = pid_k * STEPS * BKW
+        w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * KW + (w_first + rw)[None, :]  # [BN, BKW]
+        x_row = x_ptr + rm_in[:, None].to(tl.int64) * stride_xm  # [BM, 1]
+        sz_row = rn_in[:, None].to(tl.int64) * NG  # [BN, 1]
+        if ACC3:
+            acc = tl.zeros([BLOCK_M, BLOCK_N, BKW], dtype=tl.float32)
+        else:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for step in range(0, STEPS):
+            gw = w_first + step * BKW + rw  # global word index along the row
+            grp = gw // WPG
+            kx = grp * G + gw % WPG  # k of plane 0 of each word
+            if EVEN:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                s = tl.load(s_ptr + sz_row + grp[None, :]).to(tl.float32)
+                z = tl.load(z_ptr + sz_row + grp[None, :]).to(tl.float32)
+            else:
+                w_ok = gw < KW
+                w = tl.load(w_ptrs, mask=w_ok[None, :], other=0, eviction_policy="evict_first")
+                s = tl.load(s_ptr + sz_row + grp[None, :], mask=w_ok[None, :], other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + sz_row + grp[None, :], mask=w_ok[None, :], other=0.0).to(tl.float32)
+            t = tl.zeros([BLOCK_M, BLOCK_N, BKW], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_M, BKW], dtype=tl.float32)
+            for i in tl.static_range(8):
+                if EVEN:
+                    xi = tl.load(x_row + (kx + i * WPG)[None, :]).to(tl.float32)
+                else:
+                    xi = tl.load(x_row + (kx + i * WPG)[None, :], mask=((kx + i * WPG < K) & (gw < KW))[None, :],
+                                 other=0.0).to(tl.float32)
+                t += _plane(w, i)[None, :, :] * xi[:, None, :]
+                xs += xi
+            part = s[None, :, :] * (t - (128.0 + z)[None, :, :] * xs[:, None, :])
+            if ACC3:
+                acc += part
+            else:
+                acc2 += tl.sum(part, axis=2)
+            w_ptrs += BKW
+        if ACC3:
+            y = tl.sum(acc, axis=2)  # [BM, BN]
+        else:
+            y = acc2
+        ok = (rm < M)[:, None] & (rn < N)[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn_in).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+        else:  # fp32 partials [SPLIT, M, N], contiguous
+            tl.store(y_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :], y, mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,6 +328,40 @@ def int4_gemv(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConf
     return y
 
 
+def _bgemv_default(group_size: int):
+    def default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
+        block_m = max(1, min(16, triton.next_power_of_2(m)))
+        block_n = 8 if block_m <= 4 else 4
+        split = 1
+        while -(-n // block_n) * split < 2 * sms and split < 8:
+            split *= 2
+        return LaunchConfig(block_n=block_n, block_k=512, block_m=block_m, num_warps=4, split_k=split)
+
+    return default
+
+
+def int4_bgemv(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConfig | None = None, out=None):
+    """The v3 kernel: block_m rows of x per program (decode batches 1..16), optional split-K. cfg.block_k is in
+    weights (block_k / 8 words per step; any multiple of 8, independent of the group)."""
+    m, k = x2.shape
+    n, ng = scales.shape
+    cfg = cfg or _bgemv_default(group_size)(m, n, k, sm_count(x2.device))
+    bkw = max(1, cfg.block_k // 8)
+    kw = ng * group_size // 8
+    steps, split = split_plan(kw, bkw, cfg.split_k)
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype) if out is None else out
+    even = k == ng * group_size and kw == split * steps * bkw
+    dst = y if split == 1 else torch.empty(split, m, n, device=x2.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    _int4_bgemv[grid](x2, qweight, scales, zeros, bias if bias is not None else scales, dst, m, n, k, ng, steps,
+                      x2.stride(0), y.stride(0), G=group_size, HAS_BIAS=bias is not None, EVEN=even, SPLIT=split,
+                      ACC3=cfg.acc3, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BKW=bkw,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        splitk_reduce(dst, bias, y)
+    return y
+
+
 def int4_dot(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConfig | None = None, out=None):
     m, k = x2.shape
     n, ng = scales.shape
@@ -292,6 +396,8 @@ def int4_linear_triton(x, qweight, scales, zeros, bias, group_size: int, in_feat
                        _dot_default(group_size))
     if kind == "gemv":
         y = int4_gemv(x2, qweight, scales, zeros, bias, group_size, cfg)
+    elif kind == "bgemv":
+        y = int4_bgemv(x2, qweight, scales, zeros, bias, group_size, cfg)
     elif kind == "dot":
         y = int4_dot(x2, qweight, scales, zeros, bias, group_size, cfg)
     else:

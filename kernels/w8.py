@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._base import HAS_TRITON, LaunchConfig, choose, dot, flatten, interpreting, sm_count, use_triton
+from ._base import (HAS_TRITON, LaunchConfig, choose, dot, flatten, interpreting, sm_count, split_plan, splitk_reduce,
+                    use_triton)
 
 INT8, FP8 = "int8", "fp8"
 FP8_MAX = 448.0
@@ -144,6 +145,58 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _w8_bgemv(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, STEPS, stride_xm, stride_wn, stride_ym,
+                  IS_FP8: tl.constexpr, CVT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                  SPLIT: tl.constexpr, ACC3: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+        """Batched GEMV (decode batches 1..16): each decoded [BLOCK_N, BLOCK_K] byte tile serves BLOCK_M rows of x
+        from registers; with SPLIT > 1 program (n, m, s) covers STEPS blocks of K and writes fp32 partials
+        [SPLIT, M, N] (then `_base.splitk_reduce`, which adds the bias)."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn_in = tl.where(rn < N, rn, 0)
+        rm_in = tl.where(rm < M, rm, 0)
+        rk = tl.arange(0, BLOCK_K)
+        k_first = pid_k * STEPS * BLOCK_K
+        w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + (k_first + rk)[None, :]
+        x_ptrs = x_ptr + rm_in[:, None].to(tl.int64) * stride_xm + (k_first + rk)[None, :]
+        if ACC3:
+            acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for step in range(0, STEPS):
+            if EVEN:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                x = tl.load(x_ptrs)
+            else:
+                k_in = (k_first + step * BLOCK_K + rk) < K
+                w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
+                x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
+            part = _byte_to_f32(w, IS_FP8, CVT)[None, :, :] * x.to(tl.float32)[:, None, :]
+            if ACC3:
+                acc += part
+            else:
+                acc2 += tl.sum(part, axis=2)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        if ACC3:
+            y = tl.sum(acc, axis=2)
+        else:
+            y = acc2
+        y = y * tl.load(s_ptr + rn_in).to(tl.float32)[None, :]
+        ok = (rm < M)[:, None] & (rn < N)[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn_in).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(y_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :], y, mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +236,36 @@ def w8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: O
     return y
 
 
+def _bgemv_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
+    block_m = max(1, min(16, triton.next_power_of_2(m)))
+    block_n = 8 if block_m <= 4 else 4
+    split = 1
+    while -(-n // block_n) * split < 2 * sms and split < 8:
+        split *= 2
+    return LaunchConfig(block_n=block_n, block_k=256, block_m=block_m, num_warps=4, split_k=split)
+
+
+def w8_bgemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], fmt: str,
+             cfg: LaunchConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """block_m rows of x per program from registers (decode batches 1..16), optional split-K."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    cfg = cfg or _bgemv_default(m, n, k, sm_count(x2.device))
+    cvt = DEFAULT_CVT[fmt] if cfg.cvt is None else cfg.cvt
+    steps, split = split_plan(k, cfg.block_k, cfg.split_k)
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype) if out is None else out
+    dst = y if split == 1 else torch.empty(split, m, n, device=x2.device, dtype=torch.float32)
+    w = weight.view(torch.int8)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    _w8_bgemv[grid](x2, w, scale, bias if bias is not None else scale, dst, m, n, k, steps, x2.stride(0), w.stride(0),
+                    y.stride(0), IS_FP8=fmt == FP8, CVT=cvt, HAS_BIAS=bias is not None,
+                    EVEN=k == split * steps * cfg.block_k, SPLIT=split, ACC3=cfg.acc3, BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        splitk_reduce(dst, bias, y)
+    return y
+
+
 def w8_dot(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], fmt: str,
            cfg: LaunchConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x2.shape
@@ -217,6 +300,8 @@ def w8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     kind, cfg = choose(TUNED, fmt, m, weight.shape[0], x2.shape[1], x2.device, _gemv_default, _dot_default)
     if kind == "gemv":
         y = w8_gemv(x2, weight, scale, bias, fmt, cfg)
+    elif kind == "bgemv":
+        y = w8_bgemv(x2, weight, scale, bias, fmt, cfg)
     elif kind == "dot":
         y = w8_dot(x2, weight, scale, bias, fmt, cfg)
     else:

@@ -36,6 +36,13 @@ CPU_CASES = [
     ("dot", "int4g32", 3, 18, 200, dict(block_n=16, block_k=128, block_m=16, num_warps=1)),
     ("dot", "int4g128", 2, 17, 384, dict(block_n=16, block_k=128, block_m=16, num_warps=1)),
     ("dequant", "int4g64", 0, 10, 200, {}),
+    # v3 batched GEMV (block_m rows of x per program, split-K partials + reduce, both accumulator shapes)
+    ("bgemv", "int8", 1, 37, 200, dict(block_n=8, block_k=64, block_m=1, num_warps=1)),
+    ("bgemv", "int8", 3, 37, 200, dict(block_n=8, block_k=64, block_m=4, num_warps=1, split_k=2)),
+    ("bgemv", "fp8", 5, 33, 96, dict(block_n=4, block_k=32, block_m=8, num_warps=1, acc3=False, split_k=3)),
+    ("bgemv", "int4g32", 1, 24, 160, dict(block_n=8, block_k=64, block_m=1, num_warps=1)),
+    ("bgemv", "int4g128", 3, 20, 300, dict(block_n=4, block_k=128, block_m=4, num_warps=1, split_k=2)),
+    ("bgemv", "int4g64", 6, 9, 256, dict(block_n=8, block_k=64, block_m=8, num_warps=1, acc3=False, split_k=4)),
     ("op", "int8", 1, 24, 64, {}),
     ("op", "int4g128", 1, 24, 128, {}),
     ("op", "int4g32", 4, 12, 96, {}),
@@ -49,10 +56,14 @@ GPU_CASES = [
     ("gemv", "int4g32", 3, 1000, 1000, dict(block_n=4, block_k=1024, num_warps=4)),
     ("dot", "int4g128", 16, 1024, 4096, {}), ("dot", "int4g64", 9, 999, 1000, {}),
     ("dequant", "int4g128", 0, 1000, 1000, {}), ("dequant", "fp8", 0, 1000, 1000, {}),
+    ("bgemv", "int4g128", 1, 4096, 14336, dict(block_n=8, block_k=512, block_m=1, split_k=4)),
+    ("bgemv", "int4g64", 16, 1000, 4096, dict(block_n=4, block_k=512, block_m=16, acc3=False)),
+    ("bgemv", "int8", 4, 1024, 4096, dict(block_n=8, block_k=256, block_m=4, split_k=2)),
+    ("bgemv", "fp8", 16, 999, 1000, dict(block_n=4, block_k=256, block_m=16, acc3=False, split_k=3)),
 ] + [("op", fmt, m, 1024, 4096, {}) for fmt in ("int8", "fp8", "int4g128", "int4g32") for m in (1, 2, 3, 16, 33, 100)]
 
 # bf16 output: one rounding (2^-9 relative per element, ~2e-3 in norm); dot kernels also round W to bf16
-TOLERANCE = {"gemv": 6e-3, "op": 1e-2, "dot": 1e-2, "dequant": 5e-3}
+TOLERANCE = {"gemv": 6e-3, "bgemv": 6e-3, "op": 1e-2, "dot": 1e-2, "dequant": 5e-3}
 
 
 def case_id(case) -> str:
@@ -96,7 +107,8 @@ def run_case(case, device: str, seed: int = 0) -> dict:
     kernel, fmt, m, n, k, overrides = case
     gen = torch.Generator().manual_seed(seed)
     parts, dense = make_weights(fmt, n, k, device, gen)
-    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(device) if kernel in ("gemv", "dot", "op") and n % 2 else None
+    bias = (torch.randn(n, generator=gen).to(torch.bfloat16).to(device)
+            if kernel in ("gemv", "bgemv", "dot", "op") and n % 2 else None)
     cfg = None
     if overrides:
         base = dict(block_n=16, block_k=128, block_m=1, num_warps=4, num_stages=1)
@@ -114,14 +126,14 @@ def run_case(case, device: str, seed: int = 0) -> dict:
             if kernel == "op":
                 out = (K.int8_linear if fmt == "int8" else K.fp8_linear)(x, *parts, bias)
             else:
-                launch = K8.w8_gemv if kernel == "gemv" else K8.w8_dot
+                launch = {"gemv": K8.w8_gemv, "bgemv": K8.w8_bgemv, "dot": K8.w8_dot}[kernel]
                 out = launch(x, *parts, bias, fmt, cfg, out=poison)
         else:
             g = int(fmt[5:])
             if kernel == "op":
                 out = K.int4_linear(x, *parts, bias, g, k)
             else:
-                launch = K4.int4_gemv if kernel == "gemv" else K4.int4_dot
+                launch = {"gemv": K4.int4_gemv, "bgemv": K4.int4_bgemv, "dot": K4.int4_dot}[kernel]
                 out = launch(x, *parts, bias, g, cfg, out=poison)
     out = out.cpu()
     err = ((out.double() - ref).norm() / ref.norm()).item()
