@@ -12,6 +12,18 @@
    (denoiser calls / fully computed calls) and the wall-clock speedup.
 4. Refines between the best passing and the first failing threshold (`refine` geometric bisections), keeps the
    fastest threshold whose PSNR >= target_psnr, or the smallest whose step speedup >= target_speedup, and writes it (and the coefficients) into the plugin's options, so the choice saves with the pipeline artifact.
+
+Cache + quantization, calibrated together (the CacheQuant finding, Liu et al. arXiv:2503.01323: errors of caching and
+of quantization interact, so they must not be tuned separately): pass `accel=` with the quantization (and
+optionally the fbcache options) and an *unaccelerated* pipeline,
+
+    diffusion_calibrate(pipe, target_psnr=30, accel="w8a8(format=fp8)", prompts=prompts)
+
+Step 2's reference then comes from the plain pipeline (unquantized, uncached) *before* `accel` is applied; the
+threshold search runs on the quantized denoiser against that reference, so the cache only gets the error budget
+the quantization left (`result.quant_psnr` is the quantized, uncached PSNR; if it is already below the target, no
+threshold can meet it and threshold 0 is kept with a warning). The measurement is also attached with
+`hf_accel.record_metric`, so the saved pipeline's card states what the threshold was calibrated for.
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ class CalibrationResult:
     cal_timesteps: tuple[float, ...] = ()
     cal_scale: tuple[float, ...] = ()
     cal_offset: tuple[float, ...] = ()
+    quant_psnr: float | None = None  # joint calibration: PSNR of the quantized, uncached pipeline vs the plain one
+    reference: str = "uncached"  # what PSNR and speedups are measured against ("uncached" or "plain": no accel)
 
 
 def _images(out: Any) -> torch.Tensor:
@@ -116,19 +130,29 @@ def diffusion_calibrate(
     pipe: Any, target_psnr: float | None = None, target_speedup: float | None = None, *,
     prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None, call_kwargs: dict | None = None,
     steps: int = 50, seed: int = 0, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, fit_correction: bool = True,
-    output_type: str = "pt", refine: int = 3,
+    output_type: str = "pt", refine: int = 3, accel: Any = None,
 ) -> CalibrationResult:
     """Choose the fbcache threshold for `pipe` that meets `target_psnr` (dB, mean over the images, against the
     uncached output) or `target_speedup` (denoiser calls / fully computed calls), store it in the plugin's options
     and return the measurements. Images come from `pipe(**call_kwargs, prompt=prompts | class_labels=labels,
     num_inference_steps=steps, generator=[one per image, seed + i], output_type=output_type)`. PSNR is over
-    the images as the pipeline returns them (values in [0, 1]). Costs 2 + len(thresholds tried) + refine runs."""
+    the images as the pipeline returns them (values in [0, 1]). Costs 2 + len(thresholds tried) + refine runs.
+
+    `accel` (a spec, e.g. "w8a8" or "w8a8(format=fp8)+fbcache(warmup=2)"): joint calibration, see the module
+    docstring; `pipe` must then have no accel applied yet (its plain output is the reference), and `accel` is
+    applied here (fbcache added if the spec has none). Costs 2 more runs."""
     if (target_psnr is None) == (target_speedup is None):
         raise AccelError("diffusion_calibrate needs exactly one of target_psnr= (dB) or target_speedup= (e.g. 2.5)")
     if not thresholds or any(t <= 0 for t in thresholds):
         raise AccelError(f"thresholds must be positive numbers, got {thresholds!r}")
-    plugin, _ = _fbcache_plugin(pipe)
-    ctl = H.controller_of(pipe, "fbcache")
+    import hf_accel
+
+    if accel is not None and hf_accel.get_config(pipe).plugins:
+        raise AccelError(
+            f"diffusion_calibrate(accel=...) needs a pipeline without accel (its plain output is the reference); "
+            f"this one has {hf_accel.get_config(pipe).to_string()!r}. Load it without accel=, or drop accel= to "
+            "calibrate against the uncached output of what is applied"
+        )
     kwargs = dict(call_kwargs or {})
     n = None
     if prompts is not None:
@@ -136,18 +160,31 @@ def diffusion_calibrate(
     if labels is not None:
         kwargs["class_labels"], n = list(labels), len(labels)
     kwargs.update(num_inference_steps=steps, output_type=output_type)
+    ctl = None
 
     def run() -> tuple[torch.Tensor, float, int, int]:
-        H.reset_cache(pipe)
+        if ctl is not None:
+            H.reset_cache(pipe)
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)] if n else \
             torch.Generator("cpu").manual_seed(seed)
-        calls, full = ctl.stats.calls, ctl.stats.full
+        calls, full = (ctl.stats.calls, ctl.stats.full) if ctl is not None else (0, 0)
         _sync(pipe)
         start = time.perf_counter()
         with torch.no_grad():
             out = pipe(**kwargs, generator=gens)
         _sync(pipe)
-        return _images(out), time.perf_counter() - start, ctl.stats.calls - calls, ctl.stats.full - full
+        elapsed = time.perf_counter() - start
+        if ctl is None:
+            return _images(out), elapsed, 0, 0
+        return _images(out), elapsed, ctl.stats.calls - calls, ctl.stats.full - full
+
+    plain = None
+    if accel is not None:  # the reference: the plain pipeline, before anything is quantized or cached
+        run()
+        plain = run()[:2]
+        hf_accel.apply(pipe, accel)
+    plugin, _ = _fbcache_plugin(pipe)
+    ctl = H.controller_of(pipe, "fbcache")
 
     saved = dataclasses.asdict(plugin)
     try:
@@ -156,6 +193,10 @@ def diffusion_calibrate(
         run()  # warm-up (allocators, lazy init) so that the timed reference is fair
         ctl.trace = [] if fit_correction else None
         ref, t_ref, _, _ = run()
+        quant_psnr = None
+        if plain is not None:
+            quant_psnr = _psnr(ref, plain[0])
+            ref, t_ref = plain
         fitted = _fit(ctl.trace) if fit_correction else ((), (), ())
         ctl.trace = None
         plugin.cal_timesteps, plugin.cal_scale, plugin.cal_offset = fitted
@@ -212,5 +253,13 @@ def diffusion_calibrate(
 
     options_changed(pipe)  # the options changed: let the integrations rewrite the saved spec
     H.reset_cache(pipe)
+    reference = "uncached" if plain is None else "plain"
+    if plain is not None:
+        from hf_accel.card import record_metric
+
+        record_metric(pipe, {"metric": "psnr", "value": best["psnr"], "spec": hf_accel.get_config(pipe).to_string(),
+                             "reference": "no accel (unquantized, uncached), same seeds", "target": target,
+                             "quant_psnr": quant_psnr, "step_speedup": best["step_speedup"], "steps": steps,
+                             "source": "diffusion_calibrate(accel=...)"})
     return CalibrationResult(plugin.threshold, met, target, best["psnr"], best["step_speedup"],
-                             best["time_speedup"], rows, *fitted)
+                             best["time_speedup"], rows, *fitted, quant_psnr=quant_psnr, reference=reference)

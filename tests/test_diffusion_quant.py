@@ -1,0 +1,179 @@
+"""W8A8 quantization of diffusion denoisers, joint cache+quant calibration and ToMe token merging, on CPU with tiny
+pipelines (the CUDA paths, torch._int_mm / torch._scaled_mm, are exercised by scripts/bench_diffusers.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_diffusion_cache import digits_images, digits_pipe, flux_loop, flux_model, no_hooks_left, psnr, sd_images, sd_pipe
+
+import hf_accel
+from hf_accel.errors import AccelError, OptionError, UnsupportedModelError
+from hf_accel.plugins.diffusion_cache import cache_stats, diffusion_calibrate
+from hf_accel.plugins.diffusion_cache.tome import bipartite_merge
+from hf_accel.plugins.quantization.w8a8_diffusion import W8A8Linear, w8a8_matmul
+from hf_accel.quality.digits_pipeline import DigitsPipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def quiet_remove(pipe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf_accel.remove(pipe)
+
+
+# -- W8A8 -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.03), ("fp8", 0.08)])
+def test_w8a8_matmul_matches_float_within_the_format_error(fmt, tol):
+    g = torch.Generator().manual_seed(0)
+    x, lin = torch.randn(40, 64, generator=g), torch.nn.Linear(64, 32)
+    q = W8A8Linear.from_module(lin, fmt)
+    ref = lin(x)
+    out = q(x)
+    assert q.weight.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
+    rel = float((out - ref).norm() / ref.norm().detach())
+    assert 0 < rel < tol
+    # per-token activation scales: a row scaled by 1000 quantizes exactly like the original row
+    x2 = x.clone()
+    x2[3] *= 1000
+    assert torch.allclose(w8a8_matmul(x2, q.weight, q.weight_scale, None, fmt)[3] / 1000,
+                          w8a8_matmul(x, q.weight, q.weight_scale, None, fmt)[3], rtol=1e-4, atol=1e-5)
+
+
+def test_w8a8_1x1_conv_is_a_linear_over_channels():
+    conv = torch.nn.Conv2d(16, 32, 1)
+    q = W8A8Linear.from_module(conv, "int8")
+    x = torch.randn(2, 16, 5, 3)
+    assert q.conv and q(x).shape == (2, 32, 5, 3)
+    assert float((q(x) - conv(x)).norm() / conv(x).norm()) < 0.03
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_w8a8_sd_pipeline_with_cfg(fmt):
+    pipe = sd_pipe()
+    ref = sd_images(pipe, batch=2)
+    hf_accel.apply(pipe, f"w8a8(format={fmt})")
+    layers = [(n, m) for n, m in pipe.unet.named_modules() if isinstance(m, W8A8Linear)]
+    assert any(m.conv for _, m in layers) and any(not m.conv for _, m in layers)  # proj_in/out 1x1 convs and linears
+    assert not any("time_emb" in n for n, _ in layers)  # skipped by default
+    out = sd_images(pipe, batch=2)
+    assert 25 < psnr(out, ref) < float("inf")
+    assert quiet_remove(pipe)  # weight rewrite: reported as not undoable
+
+
+def test_w8a8_bad_options_and_models_are_refused():
+    with pytest.raises(OptionError, match="format must be one of"):
+        hf_accel.apply(digits_pipe(), "w8a8(format=int4)")
+    pipe = digits_pipe()
+    with pytest.raises(OptionError, match="found no linear"):
+        hf_accel.apply(pipe, "w8a8(skip=['*'])")
+    assert hf_accel.get_config(pipe).names == [] and not any(isinstance(m, W8A8Linear) for m in pipe.unet.modules())
+
+
+def test_w8a8_saves_and_reloads_bit_identically(tmp_path):
+    pipe = hf_accel.apply(digits_pipe(), "w8a8(format=fp8)+deepcache(interval=2)")
+    before = digits_images(pipe, steps=6, n=3)
+    pipe.save_pretrained(tmp_path / "p")
+    again = DigitsPipeline.from_pretrained(tmp_path / "p")
+    again.set_progress_bar_config(disable=True)
+    assert hf_accel.get_config(again).names == ["w8a8", "deepcache"]
+    assert again.unet.down_blocks[1].attentions[0].to_q.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(digits_images(again, steps=6, n=3), before)
+
+
+def test_w8a8_with_fora_in_a_custom_flux_loop():
+    model = flux_model()
+    plain = flux_loop(model, streams="calls")
+    hf_accel.apply(model, "w8a8(format=int8)+fora(interval=2)")
+    out = flux_loop(model, streams="calls")
+    assert all(torch.isfinite(v).all() for v in out) and not torch.equal(out[-1], plain[-1])
+    assert cache_stats(model, "fora").reused > 0
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_w8a8_layer_compiles_without_graph_breaks(fmt):
+    """Plain torch: the whole layer (activation quantization included) is one graph, so apply, then compile."""
+    import torch._dynamo
+
+    q = W8A8Linear.from_module(torch.nn.Linear(32, 48), fmt)
+    x = torch.randn(3, 7, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x), q(x), atol=1e-5)
+    torch._dynamo.reset()
+
+
+# -- joint calibration --------------------------------------------------------------------------------------------
+def test_joint_calibration_measures_against_the_unquantized_uncached_pipeline():
+    labels, steps = list(range(4)), 8
+    gens = lambda: [torch.Generator().manual_seed(5 + i) for i in range(4)]  # noqa: E731
+    plain = digits_pipe()(class_labels=labels, num_inference_steps=steps, generator=gens(), output_type="pt").images
+    pipe = digits_pipe()
+    res = diffusion_calibrate(pipe, target_psnr=30.0, accel="w8a8", labels=labels, steps=steps, seed=5,
+                              thresholds=(0.01, 0.05, 0.2), refine=1)
+    assert res.reference == "plain" and res.met and 30.0 < res.quant_psnr < float("inf")
+    assert hf_accel.get_config(pipe).names == ["w8a8", "fbcache"]
+    # the cache gets only the budget quantization left: the combined PSNR vs plain is the one that meets the target
+    joint = pipe(class_labels=labels, num_inference_steps=steps, generator=gens(), output_type="pt").images
+    per_image = [psnr(a, b) for a, b in zip(joint, plain)]
+    assert abs(sum(per_image) / len(per_image) - res.psnr) < 0.5 and res.psnr >= 30.0
+    assert res.psnr <= res.quant_psnr + 1e-6 or res.threshold == 0
+    assert pipe.__dict__["_hf_accel_metrics"][-1]["quant_psnr"] == res.quant_psnr  # goes on the saved card
+    with pytest.raises(AccelError, match="needs a pipeline without accel"):
+        diffusion_calibrate(pipe, target_psnr=30.0, accel="w8a8", labels=labels, steps=steps)
+
+
+# -- ToMe -----------------------------------------------------------------------------------------------------------
+def test_bipartite_merge_shapes_and_constant_tokens():
+    x = torch.randn(2, 64, 8)
+    merge, unmerge = bipartite_merge(x, 8, 8, 2, 32, torch.Generator().manual_seed(0))
+    assert merge(x).shape == (2, 32, 8) and unmerge(merge(x)).shape == x.shape
+    kept = unmerge(merge(x))
+    assert (kept == x).all(-1).sum(1).min() >= 16  # unmerged sources come back as they were
+    same = torch.ones(1, 64, 8)  # identical tokens: merging then unmerging changes nothing
+    m, u = bipartite_merge(same, 8, 8, 2, 40, None)
+    assert torch.equal(u(m(same)), same)
+
+
+def test_tome_on_sd_pipeline_with_deepcache_and_remove():
+    pipe = sd_pipe()
+    ref = sd_images(pipe, batch=2)
+    hf_accel.apply(pipe, "tome(ratio=0)")
+    assert torch.equal(sd_images(pipe, batch=2), ref)
+    hf_accel.remove(pipe)
+    hf_accel.apply(pipe, "tome(ratio=0.5)+deepcache(interval=2)")
+    assert hf_accel.get_config(pipe).names == ["tome", "deepcache"]
+    out = sd_images(pipe, batch=2)
+    assert torch.equal(out, sd_images(pipe, batch=2))  # seeded partition: runs repeat exactly
+    assert 10 < psnr(out, ref) < float("inf")
+    hf_accel.remove(pipe)
+    assert torch.equal(sd_images(pipe, batch=2), ref) and no_hooks_left(pipe.unet)
+
+
+def test_tome_refuses_unets_without_transformer_blocks():
+    pipe = digits_pipe()
+    with pytest.raises(UnsupportedModelError, match="BasicTransformerBlock"):
+        hf_accel.apply(pipe, "tome")
+    assert no_hooks_left(pipe.unet)
+
+
+def test_tome_then_compile_blocks():
+    import torch._dynamo
+
+    pipe = sd_pipe()
+    hf_accel.apply(pipe, "tome(ratio=0.5)")
+    eager = sd_images(pipe, steps=2)
+    torch._dynamo.reset()
+    block = next(m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock")
+    block.compile(backend="eager")  # one block keeps the CPU test short; every block compiles the same way
+    assert torch.allclose(sd_images(pipe, steps=2), eager, atol=1e-5)
+    torch._dynamo.reset()
