@@ -177,3 +177,46 @@ def test_tome_then_compile_blocks():
     block.compile(backend="eager")  # one block keeps the CPU test short; every block compiles the same way
     assert torch.allclose(sd_images(pipe, steps=2), eager, atol=1e-5)
     torch._dynamo.reset()
+
+
+# -- Triton kernels (kernels/w8a8_act.py) under the interpreter, in a child process ---------------------------------
+_CHILD = r"""
+import json, torch
+from hf_accel.kernels import w8a8_act as K
+out = {}
+g = torch.Generator().manual_seed(0)
+for fmt in ("int8", "fp8"):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(5, 70, generator=g) * torch.tensor([1e-3, 1, 10, 300, 0.2])[:, None]).to(dtype)
+        x[2] = 0  # an all-zero token
+        q, s = K.quantize_tokens(x, fmt)
+        qr, sr = K.quantize_tokens_ref(x, fmt)
+        out[f"q_{fmt}_{dtype}"] = [float((q.float() - qr.float()).abs().max()), float((s / sr - 1).abs().max()),
+                                   str(q.dtype), list(q.shape), list(s.shape)]
+acc = torch.randint(-2**20, 2**20, (37, 150), generator=g, dtype=torch.int32)
+xs, ws, b = torch.rand(37, 1, generator=g), torch.rand(150, generator=g), torch.randn(150, generator=g)
+for bias in (None, b):
+    y = K.int8_epilogue(acc, xs, ws, bias, torch.bfloat16)
+    yr = K.int8_epilogue_ref(acc, xs, ws, bias, torch.bfloat16)
+    out[f"epi_{bias is None}"] = [float((y.float() - yr.float()).abs().max() / yr.float().abs().max()), str(y.dtype)]
+print(json.dumps(out))
+"""
+
+
+def test_w8a8_kernels_match_their_references_under_the_interpreter():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for fmt, code in (("int8", "torch.int8"), ("fp8", "torch.float8_e4m3fn")):
+        for dtype in ("torch.float32", "torch.bfloat16"):
+            diff, sdiff, qdtype, qshape, sshape = got[f"q_{fmt}_{dtype}"]
+            assert diff == 0 and sdiff < 1e-6 and qdtype == code and qshape == [5, 70] and sshape == [5, 1], got
+    for key in ("epi_True", "epi_False"):
+        assert got[key][0] < 1e-2 and got[key][1] == "torch.bfloat16", got

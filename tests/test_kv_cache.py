@@ -8,6 +8,7 @@ import torch
 from conftest import ARCHS, build, sample_ids
 
 import hf_accel
+from hf_accel.compat import get_cache
 from hf_accel.errors import AccelError, OptionError
 from hf_accel.plugins.kv_cache import KVCache
 from hf_accel.plugins.kv_cache._layers import dequantize, quantize
@@ -285,7 +286,7 @@ def test_pipeline_gets_the_policy_without_past_key_values():
     model = build("llama")
     hf_accel.apply(model, "sink(window=8, sinks=2)")
     caches = []
-    handle = model.register_forward_pre_hook(lambda m, a, k: caches.append(k.get("past_key_values")), with_kwargs=True)
+    handle = model.register_forward_pre_hook(lambda m, a, k: caches.append(get_cache(k)), with_kwargs=True)
     pipe = pipeline("text-generation", model=model, tokenizer=make_tokenizer())
     pipe("hello world, this is long enough", max_new_tokens=4, do_sample=False)
     handle.remove()

@@ -13,6 +13,7 @@ from transformers.generation import logits_process as lp
 from transformers.generation.streamers import BaseStreamer
 
 import hf_accel
+from hf_accel.compat import CACHE_NAMES
 from hf_accel.runtime import StaticKVLayer, bucket_batch, bucket_capacity, get_runtime, sampling
 
 
@@ -237,7 +238,8 @@ def test_model_that_bypasses_the_cache_falls_back():
         forward = module.forward
 
         def patched(*args, **kwargs):
-            kwargs["past_key_values"] = None
+            for name in CACHE_NAMES:  # whichever name this transformers release passes
+                kwargs[name] = None
             return forward(*args, **kwargs)
         module.forward = patched
 

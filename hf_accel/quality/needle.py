@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import cache_kwarg, output_cache
 from .agreement import greedy_generate
 from .corpus import token_stream
 from .records import make_record
@@ -149,7 +150,7 @@ def multi_turn_recall(model, tokenizer, *, context_len: int | None = None, n_tri
                                tokenizer=tokenizer, **kwargs)
         turn2 = torch.cat([first.sequences, second_q[None].to(model.device)], dim=1)
         second = model.generate(input_ids=turn2, attention_mask=torch.ones_like(turn2),
-                                past_key_values=first.past_key_values, **kwargs)
+                                **{cache_kwarg(model): output_cache(first)}, **kwargs)
         for turn, out, start, needle in ((1, first, prompt.shape[1], needles[0]),
                                          (2, second, turn2.shape[1], needles[1])):
             answer = tokenizer.decode(out.sequences[0, start:], skip_special_tokens=True)

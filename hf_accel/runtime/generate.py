@@ -29,10 +29,10 @@ from .session import Runtime, bucket_capacity, sample_and_record
 
 # generate() arguments that hand the loop to something else; the wrapper passes such calls through untouched
 _PASS_THROUGH = ("custom_generate", "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit",
-                 "past_key_values", "inputs_embeds", "synced_gpus", "prefix_allowed_tokens_fn", "negative_prompt_ids",
+                 "past_key_values", "cache", "inputs_embeds", "synced_gpus", "prefix_allowed_tokens_fn", "negative_prompt_ids",
                  "logits_processor", "stopping_criteria", "token_healing")
 # model kwargs that the loop understands (everything else, e.g. pixel_values, falls back)
-_KNOWN_MODEL_KWARGS = {"attention_mask", "position_ids", "past_key_values", "use_cache", "logits_to_keep",
+_KNOWN_MODEL_KWARGS = {"attention_mask", "position_ids", "past_key_values", "cache", "use_cache", "logits_to_keep",
                        "cache_position", "output_attentions", "output_hidden_states"}
 
 

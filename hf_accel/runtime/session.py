@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from ..compat import cache_kwarg
+from ..distributed import local_kv_heads, offload_reason
 from .attention import decode_mask, mask_kind, prefill_mask, use_fast_attention
 from .cache import KVCache, KVPool, Unsupported
 from .sampling import SamplingPlan, StepKey, choose, process
@@ -109,7 +111,8 @@ def sample_and_record(logits: torch.Tensor, st: State, key: StepKey) -> None:
 def forward_tokens(model, cache, tokens, positions, slots, prompt_valid, prompt_len, window: int, kind: str, dtype):
     """Logits [B, Q, V] of Q new tokens whose K/V go to `slots` (the cache's layers were pointed at `slots`)."""
     mask = decode_mask(prompt_valid, prompt_len, slots, window, kind, dtype)
-    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True)
+    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
+                **{cache_kwarg(model): cache})
     return out.logits
 
 
@@ -129,7 +132,7 @@ class Runtime:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.config = config
         heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.kv_heads = local_kv_heads(model, getattr(config, "num_key_value_heads", None) or heads)  # TP: 1/tp
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         head = model.get_output_embeddings()
         self.vocab = head.weight.shape[0] if head is not None else config.vocab_size
@@ -170,6 +173,9 @@ class Runtime:
             raise Unsupported(self.disabled)
         if getattr(self.model.config, "is_encoder_decoder", False):
             raise Unsupported("encoder-decoder models are not supported")
+        reason = offload_reason(self.model)
+        if reason:  # one static cache and one CUDA graph per step need every layer resident on one device
+            raise Unsupported(f"{reason}; the fast runtime needs the whole model on one device", whole_model=False)
         if self.kind is None:
             raise Unsupported(f"attention implementation {self.model.config._attn_implementation!r} takes no 4-D mask "
                               "(use attn_implementation='sdpa' or 'eager')", whole_model=False)
@@ -348,7 +354,7 @@ class Session:
                 try:
                     out = rt.model(input_ids=input_ids[r0:r1], position_ids=position_ids[r0:r1],
                                    attention_mask=prefill_mask(valid[r0:r1], rt.window, rt.kind, rt.dtype),
-                                   past_key_values=self.cache, use_cache=True, **keep)
+                                   **{cache_kwarg(rt.model): self.cache}, use_cache=True, **keep)
                 finally:
                     self.cache.set_prefill(None)
                 logits[r0:r1] = out.logits[:, -1].float()

@@ -26,22 +26,28 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from hf_accel.compat import cache_kwarg, get_cache
 from hf_accel.errors import OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
 
-from ._layers import PENDING, KVCache
+from ._layers import PENDING, SELF_ATTEND, KVCache
 
 POLICY_ATTR = "_hf_accel_kv_policy"
 QUANT_ATTR = "_hf_accel_kv_quant"
 HOOK_PREFIX = "hf_accel_kv:"
 HOOKABLE = ("sdpa", "eager")
-KV_PLUGINS = ("sink", "h2o", "snapkv")  # eviction policies: one per model
+KV_PLUGINS = ("sink", "h2o", "snapkv", "duo", "quest")  # cache policies: one per model
 
 
 # -- attention hook --------------------------------------------------------------------------------------------------
 
 def _hooked(base: str):
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        owner = SELF_ATTEND.get()
+        if owner is not None and owner.layer_idx == getattr(module, "layer_idx", owner.layer_idx):
+            SELF_ATTEND.set(None)
+            scaling = kwargs.pop("scaling", None) or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+            return owner.attend(module, query, key, value, attention_mask, scaling, base, *args, **kwargs)
         out = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, *args, **kwargs)
         layer = PENDING.get()
         if layer is not None and layer.layer_idx == getattr(module, "layer_idx", layer.layer_idx):
@@ -90,11 +96,13 @@ def _input_ids(args, kwargs):
 def wrap_generate(model, original):
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)
         if cache is None and kwargs.get("use_cache", True) and not kwargs.get("cache_implementation"):
             policy, quant = getattr(model, POLICY_ATTR, None), getattr(model, QUANT_ATTR, None)
+            if hasattr(policy, "prepare"):  # e.g. duo calibrates its head split on first use
+                policy.prepare(model)
             cache = KVCache(model.config.get_text_config().num_hidden_layers, policy, quant)
-            kwargs["past_key_values"] = cache
+            kwargs[cache_kwarg(model)] = cache
             if getattr(model.generation_config, "cache_implementation", None):
                 kwargs["cache_implementation"] = None  # the user's cache and a cache_implementation cannot mix
         if isinstance(cache, KVCache):

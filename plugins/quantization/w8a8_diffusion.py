@@ -14,7 +14,8 @@ is a linear over channels and is converted too (`convs=true`). Layers whose in/o
 stay in float (the 8-bit GEMMs need aligned shapes), as do the layers that `skip` names: by default the timestep /
 text embedders and the final norm, which are tiny and sensitive.
 
-Plain torch code (no opaque op), so torch.compile fuses the activation quantization into the neighbouring ops.
+The matmul is one op, `hf_accel::w8a8_diffusion_linear` (kernels/w8a8_act.py: a Triton per-token quantizer, the
+8-bit cuBLAS GEMM, a Triton int8 epilogue), so torch.compile and CUDA graphs take it whole: apply, then compile.
 Applies to a diffusers model, or to a pipeline's denoiser through `accel=`; it is the quantization half of the
 joint cache+quant calibration (`diffusion_calibrate(..., accel="w8a8")`, see diffusion_cache/calibrate.py).
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from hf_accel.errors import OptionError
+from hf_accel.kernels.w8a8_act import w8a8_linear
 from hf_accel.plugin import Family, ModelKind, Plugin
 
 FORMATS = ("int8", "fp8")
@@ -45,34 +47,14 @@ def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch
     scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-12)
     q = w / scale[:, None]
     q = q.round().clamp(-qmax, qmax).to(torch.int8) if fmt == "int8" else q.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def quantize_tokens(x2: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) activations -> (codes, scale (M, 1) float32), dynamic absmax per token."""
-    xf = x2.float()
-    qmax = INT8_MAX if fmt == "int8" else FP8_MAX
-    scale = (xf.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
-    q = xf / scale
-    q = q.round().clamp(-qmax, qmax).to(torch.int8) if fmt == "int8" else q.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
-    return q, scale
+    return q.contiguous(), scale
 
 
 def w8a8_matmul(x2: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 fmt: str) -> torch.Tensor:
-    """y = dequant(quant(x2) @ weight.T) + bias for x2 (M, K); float32 reference off CUDA, 8-bit GEMMs on CUDA."""
-    m, dtype = x2.shape[0], x2.dtype
-    xq, x_scale = quantize_tokens(x2, fmt)
-    if x2.is_cuda and fmt == "int8" and m > 16:
-        acc = torch._int_mm(xq, weight.t())  # int32 (M, N)
-        y = acc.float() * x_scale * w_scale[None, :]
-    elif x2.is_cuda and fmt == "fp8":
-        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale[None, :].contiguous(),
-                             out_dtype=torch.bfloat16)
-    else:  # reference: the same codes, multiplied in float32
-        y = (xq.float() @ weight.float().t()) * x_scale * w_scale[None, :]
-    y = y.to(dtype)
-    return y if bias is None else y + bias
+    """y = dequant(quant(x2) @ weight.T) + bias for x2 (M, K): the op `hf_accel::w8a8_diffusion_linear`
+    (kernels/w8a8_act.py: 8-bit GEMMs on CUDA, float32 reference elsewhere)."""
+    return w8a8_linear(x2, weight, w_scale, bias, fmt)
 
 
 class W8A8Linear(nn.Module):
@@ -120,11 +102,11 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv:  # (B, C, H, W): a linear over channels, one token per pixel
             b, c, h, w = x.shape
-            x2 = x.permute(0, 2, 3, 1).reshape(-1, c)
+            x2 = x.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
             y = w8a8_matmul(x2, self.weight, self.weight_scale, self.bias, self.fmt)
             return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
         shape = x.shape
-        y = w8a8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.bias, self.fmt)
+        y = w8a8_matmul(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.weight_scale, self.bias, self.fmt)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -155,8 +137,11 @@ class W8A8Diffusion(Plugin):
 
     format: str = "int8"  # int8 (torch._int_mm) or fp8 (e4m3, torch._scaled_mm)
     convs: bool = True  # also 1x1 stride-1 Conv2d layers
+    # fnmatch on the full name or its last component. Kept in float by default: the timestep / text embedders, and
+    # the AdaLN modulation linears of DiTs (one row per image: no 8-bit GEMM speed to gain, and sensitive)
     skip: tuple[str, ...] = ("*time_emb*", "*timestep_embedder*", "time_text_embed.*", "*time_embedding*",
-                             "norm_out.*", "*add_embedding*")  # fnmatch on the full name or its last component
+                             "norm_out.*", "*add_embedding*", "*norm1.linear", "*norm1_context.linear",
+                             "*.norm.linear", "*ada[lL][nN]*")
 
     def __post_init__(self):
         if self.format not in FORMATS:

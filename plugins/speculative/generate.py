@@ -19,17 +19,19 @@ from transformers.generation import stopping_criteria as sc
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
+from hf_accel.compat import get_cache
+
 from .decode import DraftLength, Sampler, speculative_generate
 
 STATS_ATTR = "hf_accel_spec_stats"
 # generate() arguments that choose another decoding path; such calls go to the wrapped generate untouched
 PASS_THROUGH = ("custom_generate", "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit",
-                "past_key_values", "inputs_embeds", "synced_gpus", "prefix_allowed_tokens_fn", "negative_prompt_ids")
+                "past_key_values", "cache", "inputs_embeds", "synced_gpus", "prefix_allowed_tokens_fn", "negative_prompt_ids")
 # warpers that look at the scores only, so applying them to every drafted position is what the target would do
 POSITION_FREE = tuple(getattr(lp, name) for name in (
     "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
     "EpsilonLogitsWarper", "EtaLogitsWarper", "InfNanRemoveLogitsProcessor") if hasattr(lp, name))
-MODEL_KWARGS = {"attention_mask", "use_cache", "past_key_values", "position_ids", "cache_position", "logits_to_keep"}
+MODEL_KWARGS = {"attention_mask", "use_cache", "past_key_values", "cache", "position_ids", "cache_position", "logits_to_keep"}
 
 
 def plan(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
@@ -42,7 +44,7 @@ def plan(model, input_ids, logits_processor, stopping_criteria, generation_confi
     extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in MODEL_KWARGS)
     if extra:
         return f"model inputs {extra}"
-    cache = model_kwargs.get("past_key_values")
+    cache = get_cache(model_kwargs)
     if cache is not None and cache.get_seq_length() > 0:
         return "a pre-filled past_key_values"
     attn = getattr(model.config, "_attn_implementation", "eager")

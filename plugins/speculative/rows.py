@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from hf_accel.compat import cache_kwarg
+
 
 class RowLayer(DynamicLayer):
     """One layer's K/V, [batch, kv_heads, capacity, head_dim], written at per-row slots (see `RowCache`)."""
@@ -84,6 +86,6 @@ def row_forward(model, cache: RowCache, tokens: torch.Tensor, start: torch.Tenso
     mask.masked_fill_(~visible, torch.finfo(dtype).min)
     positions = (slots - n_pads[:, None]).clamp_min(0)
     kwargs = {"logits_to_keep": 1} if last_only else {}
-    out = model(input_ids=tokens, attention_mask=mask[:, None], position_ids=positions, past_key_values=cache,
+    out = model(input_ids=tokens, attention_mask=mask[:, None], position_ids=positions, **{cache_kwarg(model): cache},
                 use_cache=True, **kwargs)
     return out.logits.float()
