@@ -15,6 +15,7 @@ from .errors import SpecSyntaxError
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.]*")
 _NUMBER = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_\-./:]*")
+_RATIO = re.compile(r"\d+:\d+")  # N:M sparsity patterns (`pattern=2:4`) are read as the string "2:4"
 _KEYWORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
@@ -93,6 +94,10 @@ class _Parser:
                     items.append(self.value())
             self.expect("]", "',' or ']'")
             return items
+        ratio = _RATIO.match(self.text, self.pos)
+        if ratio:
+            self.pos = ratio.end()
+            return ratio.group()
         if c and (c.isdigit() or c in "+-."):
             s = self.match(_NUMBER, "a number")
             return float(s) if any(ch in s for ch in ".eE") else int(s)
@@ -115,7 +120,7 @@ def format_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(format_value(x) for x in v) + "]"
     if isinstance(v, str):
-        if _WORD.fullmatch(v) and v.lower() not in _KEYWORDS:
+        if (_WORD.fullmatch(v) and v.lower() not in _KEYWORDS) or _RATIO.fullmatch(v):
             return v
         for quote in "'\"":
             if quote not in v:
