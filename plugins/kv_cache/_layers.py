@@ -39,6 +39,9 @@ FLUSH_EVERY = 32  # kvquant quantizes full-precision tokens in chunks: the windo
 
 # The layer whose `update` ran last in this thread and waits for its attention scores (see `observe`).
 PENDING: contextvars.ContextVar["KVLayer | None"] = contextvars.ContextVar("hf_accel_kv_pending", default=None)
+# A layer that computes this step's attention itself (`layer.attend(...)`, called by the attention hook): head-split
+# storage (duo) and page selection (quest), whose K/V the transformers attention functions cannot read as one tensor.
+SELF_ATTEND: contextvars.ContextVar = contextvars.ContextVar("hf_accel_kv_self_attend", default=None)
 
 
 # -- quantization (per-token codes; keys first normalised per channel) ------------------------------------------------
@@ -290,7 +293,9 @@ class KVCache(Cache):
         self.policy, self.quant_config = policy, quant
         self.mask: torch.Tensor | None = None  # [B, L] bool, the current call's attention mask
         self.first: torch.Tensor | None = None
-        super().__init__(layers=[KVLayer(self, i, policy, quant) for i in range(num_layers)])
+        make = getattr(policy, "make_layer", None)  # policies with their own storage layout (duo, quest)
+        layers = [make(self, i) if make is not None else KVLayer(self, i, policy, quant) for i in range(num_layers)]
+        super().__init__(layers=layers)
 
     def set_attention_mask(self, mask: torch.Tensor | None) -> None:
         self.first = None
