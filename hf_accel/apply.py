@@ -109,6 +109,10 @@ def apply(model: Any, spec: Any, *, loading: bool = False) -> Any:
             states[id(target)] = (target, state, list(state.applied))
     done: list[tuple[Any, AppliedPlugin]] = []
     notified: list[Any] = []
+    if getattr(model, "_tp_size", None) and model._tp_size > 1:
+        from .distributed import localize
+
+        localize(model)  # transformers' TP (DTensor) layers -> local shards that plugins can rewrite
     try:
         for plugin, target in targets:
             patcher = Patcher(plugin.name)

@@ -61,6 +61,10 @@ class Patcher:
         parent_name, _, child = qualified_name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         old = getattr(parent, child)
+        if getattr(old, "_hf_accel_tp", None) is not None:  # a tensor-parallel shard: the new module takes its role
+            from .distributed import transfer_tp
+
+            transfer_tp(old, new)
         setattr(parent, child, new)
 
         def undo():

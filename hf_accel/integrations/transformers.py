@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .. import artifacts
 from ..apply import AccelState, _on_applied, apply, get_config
 from ..config import FORMAT_VERSION, AccelConfig
+from ..distributed import localize, prepare_tp_plan
 from ..errors import AccelError, ArtifactError, ConflictError
 from ..version import __version__
 
@@ -77,6 +78,7 @@ class AccelHfQuantizer(HfQuantizer):
         weight_plugins = [p for p in self.accel.plugins if p.rewrites_weights]
         if self.pre_quantized and weight_plugins:
             apply(model, list(weight_plugins), loading=True)
+            prepare_tp_plan(model)  # tp_plan="auto": each rank loads its slice of the rewritten tensors
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -131,6 +133,8 @@ def _wrap_from_pretrained(original):
         if pretrained_model_name_or_path is not None:
             artifacts.verify_transformers_artifact(pretrained_model_name_or_path, _hub_kwargs(kwargs))
         model = original(cls, pretrained_model_name_or_path, *args, **kwargs)
+        if (requested or get_config(model)) and getattr(model, "_tp_size", None) and model._tp_size > 1:
+            localize(model)  # tp_plan=: our layers run on plain local shards (see hf_accel.distributed)
         if requested:
             have = get_config(model).names
             missing = [p for p in requested.plugins if p.name not in have]

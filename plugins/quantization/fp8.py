@@ -34,6 +34,9 @@ def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype | None = None) -> tupl
 class Fp8Linear(nn.Module):
     """y = x @ (q * scale[:, None]).T + b with q float8_e4m3fn (out, in) and scale (out,)."""
 
+    TP_DIMS = {"weight": (0, 1), "weight_scale": (0, None), "bias": (0, None)}  # see Int8Linear
+    _hf_quantized_needs_local_tp = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features

@@ -105,7 +105,18 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, method: str = "rt
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T + b with W int4 group-wise (see the module docstring for the stored form)."""
+    """y = x @ W.T + b with W int4 group-wise (see the module docstring for the stored form).
+
+    Under tensor parallelism every tensor splits along its output rows (column-wise) or along K by whole groups
+    (row-wise: packed words, scales and zeros alike, since a group's words are contiguous), so a rank holds exactly
+    the int4 layer of its slice of the float weight."""
+
+    TP_DIMS = {"weight": (0, 1), "weight_scale": (0, 1), "weight_zero": (0, 1), "bias": (0, None)}
+    _hf_quantized_needs_local_tp = True
+
+    def tp_unit(self, kind: str) -> int:
+        """Row-wise splits must keep whole groups (and no padding) on each rank."""
+        return self.group_size if kind == "rowwise" else 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int,
                  device=None):
@@ -140,8 +151,9 @@ class Int4Linear(nn.Module):
                                self.weight_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x.shape[-1], not in_features: under transformers' row-wise TP x and the packed words are this rank's slice
         return int4_linear(x, self.weight, self.weight_scale, self.weight_zero, self.bias, self.group_size,
-                           self.in_features)
+                           x.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -30,6 +30,10 @@ class Int8Linear(nn.Module):
 
     `weight` keeps its name so state-dict keys, tied-weight logic and PEFT lookups of `.weight` still find it."""
 
+    # tensor parallelism (hf_accel.distributed): {tensor: (split dim column-wise, row-wise or None = replicated)}
+    TP_DIMS = {"weight": (0, 1), "weight_scale": (0, None), "bias": (0, None)}
+    _hf_quantized_needs_local_tp = True  # transformers' TP runs our forward on the local shards
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
