@@ -100,6 +100,10 @@ def apply(model: Any, spec: Any, *, loading: bool = False) -> Any:
     targets = [(plugin, _target(model, plugin)) for plugin in new.plugins]
     for plugin, target in targets:
         plugin.check(target)
+        if plugin.rewrites_weights and not loading:
+            from .distributed import check_weight_rewrite
+
+            check_weight_rewrite(target, plugin.name)  # device_map offload: the weights are not there to rewrite
 
     # One state per target, with what it held before, so a failure can put every target back.
     states: dict[int, tuple[Any, AccelState, list[AppliedPlugin]]] = {}

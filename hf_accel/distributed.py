@@ -286,6 +286,23 @@ def offload_reason(model: Any) -> str | None:
     return None
 
 
+def offloaded_weights(model: Any) -> list[str]:
+    """Parameters that accelerate's device_map offload keeps off the model (on the meta device, streamed from the
+    CPU or disk at each forward): a plugin that rewrites weights cannot read them."""
+    if not getattr(model, "hf_device_map", None):
+        return []
+    return [n for n, p in model.named_parameters() if p.device.type == "meta"]
+
+
+def check_weight_rewrite(model: Any, plugin_name: str) -> None:
+    off = offloaded_weights(model)
+    if off:
+        raise UnsupportedModelError(
+            f"plugin {plugin_name!r} rewrites weights, but {len(off)} parameters of this model are offloaded by "
+            f"device_map (e.g. {off[0]}) and not resident. Apply it to a model loaded without offload, save the "
+            "artifact (save_pretrained), and load that with device_map=... and offload_folder=...")
+
+
 def materialize(model: nn.Module, device, init: Callable[[str, torch.Tensor], None] | None = None) -> nn.Module:
     """Move a (sharded) meta model to `device` with uninitialised storage, then call `init(name, tensor)` on every
     parameter and buffer; rotary embeddings are rebuilt (their buffers are computed, not loaded)."""

@@ -143,7 +143,7 @@ def test_artifact_with_disk_offload_matches(saved, tmp_path, spec):
                            ref.generate(ids, max_new_tokens=6, do_sample=False))
 
 
-@pytest.mark.parametrize("spec", ["h2o(budget=8, recent=4)", "int8+snapkv(budget=8)", "lookup(k=3)"])
+@pytest.mark.parametrize("spec", ["h2o(budget=8, recent=4)", "snapkv(budget=8, window=4, kernel=3)", "lookup(k=3)"])
 def test_plugins_with_offload_match(saved, tmp_path, spec):
     pytest.importorskip("accelerate")
     ref = AutoModelForCausalLM.from_pretrained(f"{saved}/float", accel=spec)
@@ -153,6 +153,22 @@ def test_plugins_with_offload_match(saved, tmp_path, spec):
     with torch.no_grad():
         assert torch.equal(off.generate(ids, max_new_tokens=8, do_sample=False),
                            ref.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_weight_plugin_on_offloaded_model_refused(saved, tmp_path):
+    pytest.importorskip("accelerate")
+    off = AutoModelForCausalLM.from_pretrained(f"{saved}/float", device_map=_offload_map(saved),
+                                               offload_folder=str(tmp_path / "off"))
+    with pytest.raises(hf_accel.UnsupportedModelError, match="offloaded by device_map"):
+        hf_accel.apply(off, "int8")
+    assert type(off.model.layers[1].self_attn.o_proj) is torch.nn.Linear and not hf_accel.get_config(off)
+    # the supported way: the artifact loads with offload (test_artifact_with_disk_offload_matches), plus KV plugins
+    art = AutoModelForCausalLM.from_pretrained(f"{saved}/art-int8", device_map=_offload_map(saved),
+                                               offload_folder=str(tmp_path / "off2"), accel="h2o(budget=8, recent=4)")
+    ref = AutoModelForCausalLM.from_pretrained(f"{saved}/art-int8", accel="h2o(budget=8, recent=4)")
+    ids = torch.randint(3, 120, (2, 12))
+    assert torch.equal(art.generate(ids, max_new_tokens=8, do_sample=False),
+                       ref.generate(ids, max_new_tokens=8, do_sample=False))
 
 
 def test_fast_runtime_falls_back_under_offload(saved, tmp_path):
