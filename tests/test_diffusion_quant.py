@@ -113,7 +113,7 @@ def test_w8a8_layer_compiles_without_graph_breaks(fmt):
 
 
 # -- joint calibration --------------------------------------------------------------------------------------------
-def test_joint_calibration_measures_against_the_unquantized_uncached_pipeline():
+def test_joint_calibration_measures_against_the_unquantized_uncached_pipeline(tmp_path):
     labels, steps = list(range(4)), 8
     gens = lambda: [torch.Generator().manual_seed(5 + i) for i in range(4)]  # noqa: E731
     plain = digits_pipe()(class_labels=labels, num_inference_steps=steps, generator=gens(), output_type="pt").images
@@ -128,6 +128,13 @@ def test_joint_calibration_measures_against_the_unquantized_uncached_pipeline():
     assert abs(sum(per_image) / len(per_image) - res.psnr) < 0.5 and res.psnr >= 30.0
     assert res.psnr <= res.quant_psnr + 1e-6 or res.threshold == 0
     assert pipe.__dict__["_hf_accel_metrics"][-1]["quant_psnr"] == res.quant_psnr  # goes on the saved card
+    pipe.save_pretrained(tmp_path / "p")  # the calibrated threshold and the int8 weights save; reload is exact
+    again = DigitsPipeline.from_pretrained(tmp_path / "p")
+    again.set_progress_bar_config(disable=True)
+    assert hf_accel.get_config(again).plugins[1].threshold == res.threshold
+    assert torch.equal(again(class_labels=labels, num_inference_steps=steps, generator=gens(), output_type="pt").images,
+                       joint)
+    assert "quant_psnr" in (tmp_path / "p" / "README.md").read_text()
     with pytest.raises(AccelError, match="needs a pipeline without accel"):
         diffusion_calibrate(pipe, target_psnr=30.0, accel="w8a8", labels=labels, steps=steps)
 
