@@ -6,16 +6,22 @@ that streams the fp8 bytes once per token (any GPU: the kernel decodes e4m3 itse
 needed), a tensor-core kernel for small batches and dequantise + cuBLAS for prefill; plain torch elsewhere.
 Compared with int8 per-channel: the same bytes, a relative (floating) grid that keeps small weights precise and
 is coarser on large ones.
+
+`fp8(activations=dynamic)`: the same weights, and for batches of at least `min_tokens` rows (prefill, large
+batches) the activations are quantized per token to e4m3 and multiplied on the fp8 tensor cores by
+`torch._scaled_mm` (W8A8, hf_accel.kernels.fp8_act); smaller batches (decode) keep the weight-only kernels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from hf_accel.kernels import fp8_linear
+from hf_accel.errors import OptionError
+from hf_accel.kernels import fp8_linear, fp8_w8a8_linear
 from hf_accel.kernels.w8 import FP8_MAX, w8_dequantize
 
 from .linear import WeightOnlyLinearPlugin, linear_parts
@@ -44,6 +50,7 @@ class Fp8Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device), **frozen)
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), **frozen)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), **frozen) if bias else None
+        self.act_min_tokens = 0  # > 0: W8A8 (dynamic per-token activation scales) from this many rows on
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> "Fp8Linear":
@@ -65,6 +72,8 @@ class Fp8Linear(nn.Module):
         return w8_dequantize(self.weight, self.weight_scale, self.weight_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_min_tokens:
+            return fp8_w8a8_linear(x, self.weight, self.weight_scale, self.bias, self.act_min_tokens)
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
@@ -77,12 +86,27 @@ class Fp8WeightOnly(WeightOnlyLinearPlugin):
 
     name = "fp8"
 
+    activations: Literal["none", "dynamic"] = "none"  # "dynamic": W8A8 with per-token scales for >= min_tokens rows
+    min_tokens: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_tokens < 1:
+            raise OptionError(f"plugin 'fp8': option 'min_tokens' must be >= 1, got {self.min_tokens}")
+
+    def _mode(self, module: Fp8Linear) -> Fp8Linear:
+        module.act_min_tokens = self.min_tokens if self.activations == "dynamic" else 0
+        return module
+
     def quantize(self, linear):
-        return Fp8Linear.from_linear(linear)
+        return self._mode(Fp8Linear.from_linear(linear))
 
     def skeleton(self, linear):
-        return Fp8Linear.skeleton_of(linear)
+        return self._mode(Fp8Linear.skeleton_of(linear))
 
     def card_metadata(self, model):
         n = sum(m.weight.numel() for m in model.modules() if isinstance(m, Fp8Linear))
-        return {"fp8_weights": n}
+        meta = {"fp8_weights": n}
+        if self.activations == "dynamic":
+            meta["fp8_activations"] = f"dynamic per-token e4m3 from {self.min_tokens} rows"
+        return meta
