@@ -309,7 +309,7 @@ def materialize(model: nn.Module, device, init: Callable[[str, torch.Tensor], No
     model.to_empty(device=device)
     for name, module in model.named_modules():
         if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "config"):
-            fresh = type(module)(config=module.config, device=device)
+            fresh = type(module)(config=module.config).to(device)
             for bname, buf in fresh.named_buffers(recurse=False):
                 setattr(module, bname, buf)
     if init is not None:
