@@ -6,6 +6,9 @@ each GPU (hf_accel.distributed.shard_model + materialize): no rank ever holds, o
     python scripts/bench_tp.py --out /tmp/tp1.json                                      # TP=1 baseline only (1 GPU)
     torchrun --nproc_per_node=2 scripts/bench_tp.py --device cpu --smoke --out /tmp/x.json   # CPU check, tiny shapes
 
+First (seconds): transformers' own `tp_plan="auto"` on small int8/fp8/int4 artifacts vs one device (the version of
+transformers on the machine, e.g. 5.17 on the GPU image), logits and greedy output, plain and with `fast`.
+
 TP=1 rows run on both GPUs at once (rank 0: bf16, rank 1: int4; no collective), then the TP=2 rows. Modes:
 `hf_eager` = transformers' generate with its dynamic cache; `fast_graphs` = hf_accel's `fast(compile=False)`
 (static KV, each decode step one CUDA graph, the row-parallel all-reduces captured in it). Decode speed =
@@ -160,6 +163,52 @@ def run_variant(shape_name, shape, fmt, tp, batches, args, device, dtype, copy_b
     return rows
 
 
+def check_transformers_tp(device, distributed: bool, rank: int) -> list[dict]:
+    """transformers' own TP (tp_plan="auto", this machine's transformers version) on small hf_accel artifacts:
+    logits and greedy output against the same artifact loaded on one device, plain and with fast(compile=False)."""
+    import tempfile
+
+    import hf_accel
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    holder = [tempfile.mkdtemp(prefix="bench_tp_") if rank == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(holder, 0)
+    root = holder[0]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if rank == 0:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(**SMOKE_8B, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        LlamaForCausalLM(cfg).to(dtype).save_pretrained(f"{root}/float")
+        for spec in ("int8", "fp8", INT4):
+            m = AutoModelForCausalLM.from_pretrained(f"{root}/float", dtype=dtype, accel=spec)
+            m.save_pretrained(f"{root}/{spec.split('(')[0]}")
+    if distributed:
+        dist.barrier()
+    rows = []
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    for fmt in ("float", "int8", "fp8", "int4"):
+        row = {"shape": "check", "format": fmt, "tp": dist.get_world_size() if distributed else 1, "rank": rank,
+               "mode": "transformers_tp_plan_auto"}
+        try:
+            ref = AutoModelForCausalLM.from_pretrained(f"{root}/{fmt}", dtype=dtype, device_map=device)
+            kw = {"tp_plan": "auto"} if distributed else {"device_map": device}
+            tp = AutoModelForCausalLM.from_pretrained(f"{root}/{fmt}", dtype=dtype, **kw)
+            with torch.no_grad():
+                row["max_abs_logit_diff"] = float((tp(ids).logits.float() - ref(ids).logits.float()).abs().max())
+                g = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+                expected = ref.generate(ids, **g)
+                row["greedy_same"] = bool(torch.equal(tp.generate(ids, **g), expected))
+                for m in (ref, tp):
+                    hf_accel.apply(m, "fast(compile=False)")
+                row["greedy_same_fast"] = bool(torch.equal(tp.generate(ids, **g), ref.generate(ids, **g)))
+            row["tp_layer"] = type(tp.model.layers[0].self_attn.o_proj).__name__
+        except Exception as e:  # noqa: BLE001
+            row.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
+        rows.append(row)
+    return rows
+
+
 def key(r: dict) -> str:
     return f"{r['shape']}_{r['format']}_tp{r['tp']}_b{r.get('batch', '?')}_{r.get('mode', '?')}"
 
@@ -185,6 +234,11 @@ def summarize(rows: list[dict], meta: dict) -> dict:
             s[f"mem_weights_gb_per_gpu_{shape}_int4_tp2"] = [round(mems[k], 2) for k in sorted(mems)]
         if peaks:
             s[f"peak_mem_gb_rank0_{shape}_int4_tp2"] = round(max(v for v in peaks.values()), 2)
+    checks = [r for r in rows if r["shape"] == "check"]
+    if checks:
+        s["tp_plan_auto_max_abs_logit_diff"] = max((r.get("max_abs_logit_diff", float("inf")) for r in checks),
+                                                   default=None)
+        s["tp_plan_auto_greedy_same_all"] = all(r.get("greedy_same") and r.get("greedy_same_fast") for r in checks)
     s["errors"] = sum(1 for r in rows if "error" in r)
     s.update(meta)
     return s
@@ -201,6 +255,10 @@ def table(rows: list[dict]) -> str:
     lines = [f"{'shape':5} {'fmt':5} {'tp':>2} {'b':>3} {'mode':12} {'tok/s':>9} {'ms/step':>8} {'%copy':>6} {'GB/gpu':>7}"]
     for r in rows:
         if r.get("rank") != 0 and r["tp"] == 2:
+            continue
+        if r["shape"] == "check" and "error" not in r:
+            lines.append(f"check {r['format']:5} {r['tp']:>2}   - tp_plan=auto  max|dlogit|={r['max_abs_logit_diff']:.3g} "
+                         f"greedy_same={r['greedy_same']} with_fast={r['greedy_same_fast']}")
             continue
         if "error" in r:
             lines.append(f"{r['shape']:5} {r['format']:5} {r['tp']:>2} {r.get('batch', '-')!s:>3} "
@@ -222,7 +280,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=330.0)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tp1", "8b_tp2", "70b"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["check", "tp1", "8b_tp2", "70b"])
     args = ap.parse_args()
     if args.smoke:
         args.prompt, args.new_tokens, args.repeats = min(args.prompt, 16), min(args.new_tokens, 6), 1
@@ -284,6 +342,9 @@ def main() -> None:
             return False
         return True
 
+    # 0. correctness of transformers' own TP path on hf_accel artifacts (small model, seconds)
+    if "check" not in args.skip and in_budget("check"):
+        gather(check_transformers_tp(device, distributed, rank))
     # 1. TP=1 baselines: one model per GPU, in parallel (rank 0: bf16, rank 1: int4; one process: both in turn)
     if "tp1" not in args.skip and in_budget("tp1"):
         fmts = ["bf16", "int4"] if world == 1 else (["bf16", "int4"][rank:rank + 1] if rank < 2 else [])
