@@ -9,7 +9,19 @@ from hf_accel.errors import AccelError, OptionError
 from hf_accel.plugins.pruning import calibration as cal
 from hf_accel.plugins.pruning.methods import nm_mask, score_mask, sparsegpt
 from hf_accel.plugins.pruning.sparse24 import Sparse24Linear, compress_24, decompress_24
-from hf_accel.quality import load_reference, perplexity
+from hf_accel.quality import load_reference
+from hf_accel.quality.corpus import token_stream
+from hf_accel.quality.perplexity import sliding_window_nll
+
+_HELDOUT = {}
+
+
+def perplexity(model, tok, max_tokens):
+    """Held-out perplexity like hf_accel.quality.perplexity, with the held-out tokens tokenized once per session."""
+    if max_tokens not in _HELDOUT:
+        _HELDOUT[max_tokens] = token_stream(tok, "heldout", max_tokens)
+    nll, n = sliding_window_nll(model, _HELDOUT[max_tokens], 256, 256)
+    return {"value": float(torch.tensor(nll / n).exp())}
 
 from conftest import build, sample_ids
 
