@@ -179,7 +179,7 @@ def test_bad_options_are_refused_with_what_is_accepted():
     with pytest.raises(OptionError, match=r"group_size.*\[32, 64, 128\]"):
         hf_accel.apply(model, "int4(group_size=100)")
     with pytest.raises(OptionError, match="'rtn' \\| 'hqq'"):
-        hf_accel.apply(model, "int4(method=gptq)")
+        hf_accel.apply(model, "int4(method=foo)")
     with pytest.raises(OptionError, match="found no linear"):
         hf_accel.apply(model, "fp8(skip=['*'])")
     assert not hf_accel.get_config(model)
