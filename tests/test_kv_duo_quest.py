@@ -296,3 +296,26 @@ def test_paged_decode_kernel_cuda_graph():
     graph.replay()
     ref = paged_decode_attention_ref(q, k, v, pt, nv, real, D ** -0.5, page)
     assert (g_out.float() - ref.float()).abs().max() < 2e-2
+
+
+def test_quality_script_on_tiny(tmp_path):
+    """scripts/quality_kv.py on the committed tiny reference: records, summary, and a damaged setting (sink at 1/16 of
+    the context) measurably worse than the full cache."""
+    import importlib.util
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("quality_kv", os.path.join(root, "scripts", "quality_kv.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "q.json"
+    mod.main(["--model", os.path.join(root, "hf_accel", "quality", "assets", "tiny"), "--out", str(out), "--device",
+              "cpu", "--smoke", "--plugins", "sink,quest", "--fractions", "1/16,1/2", "--no-quant"])
+    data = json.loads(out.read_text())
+    rows = {r["label"]: r for r in data["rows"]}
+    assert set(rows) == {"full", "sink 1/16", "sink 1/2", "quest 1/2"} and not data["summary"]["errors"]
+    assert rows["sink 1/16"]["decode_ppl_rel_change_vs_full"] > 0.03  # 16 of 256 tokens: clearly worse
+    assert abs(rows["quest 1/2"]["decode_ppl_rel_change_vs_full"]) < abs(rows["sink 1/16"]["decode_ppl_rel_change_vs_full"])
+    assert rows["sink 1/16"]["kv_bytes_ratio_vs_full"] < 0.15
+    assert data["summary"]["sink_1of16_decode_ppl_rel_change_vs_full"] == round(rows["sink 1/16"]["decode_ppl_rel_change_vs_full"], 5)
+    assert any(r["metric"] == "needle_recall" for r in data["records"])

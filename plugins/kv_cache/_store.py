@@ -3,7 +3,7 @@ place, the pad-aware positions of a step's new tokens, and grouped-query attenti
 
 `GrowBuffer` keeps [B, H, capacity, D] and writes each step's tokens into the next slots: a decode step costs one
 small copy, not the full-cache `torch.cat` of transformers' DynamicLayer (which reads and writes the whole cache
-every step). Capacity grows by a quarter (rounded to `align` slots), so copies amortise to O(1) per token.
+every step). Capacity grows by an eighth (rounded to `align` slots), so copies amortise to O(1) per token.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hf_accel.errors import AccelError
 
 
 class GrowBuffer:
-    def __init__(self, align: int = 256):
+    def __init__(self, align: int = 128):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.n = 0
@@ -28,7 +28,7 @@ class GrowBuffer:
         q = k.shape[2]
         if self.k is None or self.n + q > self.k.shape[2]:
             need = self.n + q
-            cap = self.align * math.ceil((need + max(self.align, need // 4)) / self.align)
+            cap = self.align * math.ceil((need + max(self.align, need // 8)) / self.align)
             b, h, _, d = k.shape
             nk = k.new_zeros(b, h, cap, d)  # zeros: masked slots still enter matmuls with weight 0 (0 * NaN = NaN)
             nv = v.new_zeros(b, h, cap, v.shape[-1])
