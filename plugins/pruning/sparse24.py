@@ -16,7 +16,7 @@ def compress_24(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor,
     out, cols = weight.shape
     if cols % 8:
         raise ValueError(f"2:4 compressed storage needs in_features divisible by 8, got {cols}")
-    pos = keep.reshape(out, cols // 4, 4).to(torch.int8).topk(2, dim=-1).indices.sort(dim=-1).values  # (out, g, 2)
+    pos = keep.reshape(out, cols // 4, 4).to(torch.float16).topk(2, dim=-1).indices.sort(dim=-1).values  # (out, g, 2)
     values = weight.reshape(out, cols // 4, 4).gather(-1, pos).reshape(out, cols // 2)
     p = pos.reshape(out, cols // 8, 4).to(torch.uint8)
     meta = p[..., 0] | (p[..., 1] << 2) | (p[..., 2] << 4) | (p[..., 3] << 6)
@@ -109,7 +109,9 @@ class Sparse24Linear(nn.Module):
         rows = x.numel() // self.in_features
         sparse = self.sparse_weight() if x.is_cuda else None
         if sparse is not None and rows >= self.dense_below and x.dtype == self.weight.dtype:
-            y = F.linear(x.reshape(rows, self.in_features), sparse, self.bias)
+            y = F.linear(x.reshape(rows, self.in_features), sparse)
+            if self.bias is not None:
+                y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
         if x.is_cuda and sparse is not None:  # decode path with a resident dense copy
             if self._dense is None:

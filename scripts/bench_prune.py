@@ -1,0 +1,452 @@
+"""Pruning on the GPU, one command: 2:4 semi-structured linears of the Llama-3-8B shape against dense cuBLAS, and
+end-to-end speed and memory of pruned 8B-shaped models (random weights) inside plain transformers.
+
+    python scripts/bench_prune.py --out $OUT/bench_prune.json                    # H200/H100: ~2-3 minutes
+    python scripts/bench_prune.py --device cpu --smoke --out /tmp/bench_prune.json  # CPU dry run, tiny shapes
+
+1. linears: for each 8B shape (q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336), weights pruned
+   2:4 by magnitude; dense bf16 `F.linear` vs `to_sparse_semi_structured` with cuSPARSELt and with CUTLASS, at
+   M = 2048 (prefill), 32 (batch-32 decode) and 1. Each timed call reads its own weight copy (>= 400 MB of copies,
+   past L2), all copies replayed in one CUDA graph (eager if capture fails; the row says), median of
+   triton.testing.do_bench. Also our module `Sparse24Linear` (what `prune(pattern=2:4)` installs), checked against
+   the dense product. The device-to-device copy bandwidth is measured in the same run; decode rows give weight bytes
+   / time as % of it. `layer_speedup_*`: the 7 linears of one decoder layer, dense time / sparse time.
+2. end to end (transformers `generate`, greedy, eager): dense 8B shape; the same with `prune(method=magnitude,
+   pattern=2:4)` (Sparse24Linear); `shrink` 25% and 50% (structured, weight-norm scores: random weights).
+   Prefill: one forward of 2048 tokens. Decode tok/s = (time(N new) - time(1 new)) / (N - 1) at batch 1 and 32,
+   prompt 128. Memory: parameter bytes and peak allocated during decode.
+Every variant is in try/except: a failure is recorded in its row and the rest still run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FULL = dict(hidden=4096, mlp=14336, layers=32, vocab=128256, heads=32, kv_heads=8, head_dim=128)
+SMOKE = dict(hidden=256, mlp=512, layers=2, vocab=1000, heads=4, kv_heads=2, head_dim=64)
+
+
+def shapes_of(d):
+    kv = d["kv_heads"] * d["head_dim"]
+    h, m = d["hidden"], d["mlp"]
+    # name: (out, in, count per layer)
+    return {"q_o": (h, h, 2), "k_v": (kv, h, 2), "gate_up": (m, h, 2), "down": (h, m, 1)}
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, dev, reps=20):
+    if dev.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def graphed(fn, dev):
+    """A CUDA graph replaying fn (no CPU launch overhead), or fn itself when capture fails / no CUDA."""
+    if dev.type != "cuda":
+        return fn, False
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay, True
+    except Exception:
+        torch.cuda.synchronize()
+        return fn, False
+
+
+def copy_bandwidth(dev) -> float:
+    n = (1 << 30) if dev.type == "cuda" else (1 << 24)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a), dev)
+    del a, b
+    return 2 * n / (ms * 1e-3)  # bytes read + written per second
+
+
+def sparse_bytes(t) -> int:
+    total = 0
+    for name in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask"):
+        x = getattr(t, name, None)
+        if isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+    return total
+
+
+# -------------------------------------------------------------------------------------------------------------
+def linear_phase(args, dev, dims, bw, rows, deadline):
+    from hf_accel.plugins.pruning.methods import nm_mask
+    from hf_accel.plugins.pruning.sparse24 import Sparse24Linear
+
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    ms_list = [int(m) for m in args.ms.split(",")]
+    backends = ["dense", "cusparselt", "cutlass", "module"]
+    for shape, (n, k, per_layer) in shapes_of(dims).items():
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
+        keep = nm_mask(w.float().abs(), 2, 4)
+        wp = (w * keep).contiguous()
+        del w
+        nbytes = wp.numel() * wp.element_size()
+        copies = max(1, min(16, math.ceil(args.l2_bytes / nbytes))) if dev.type == "cuda" else 1
+        dense_ws = [wp.clone() for _ in range(copies)]
+        for backend in backends:
+            if time.time() > deadline:
+                rows.append({"phase": "linear", "shape": shape, "backend": backend, "skipped": "budget"})
+                continue
+            weights, wbytes, err = None, nbytes, None
+            try:
+                if backend == "dense":
+                    weights = dense_ws
+                elif backend == "module":
+                    mod = Sparse24Linear.from_dense(wp, keep, None)
+                    weights = [mod]
+                else:
+                    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+                    if dev.type != "cuda":
+                        raise RuntimeError("semi-structured sparse tensors need CUDA")
+                    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+                    weights = [to_sparse_semi_structured(x) for x in dense_ws]
+                    wbytes = sparse_bytes(weights[0]) or nbytes // 2
+            except Exception as e:
+                err = f"{type(e).__name__}: {e}"[:300]
+            for m in ms_list:
+                row = {"phase": "linear", "shape": shape, "n": n, "k": k, "m": m, "backend": backend,
+                       "copies": copies if backend != "module" else 1, "weight_bytes": wbytes}
+                if err:
+                    rows.append({**row, "error": err})
+                    continue
+                try:
+                    x = torch.randn(m, k, device=dev, dtype=dtype)
+                    outs = [None] * len(weights)
+                    if backend == "module":
+                        mod = weights[0]
+                        fn = lambda: mod(x)
+                        ref = F.linear(x.float(), wp.float())
+                        got = mod(x).float()
+                        row["rel_err"] = ((got - ref).norm() / ref.norm()).item()
+                        row["sparse_kernel"] = mod._sparse is not None
+                        row["sparse_error"] = mod._sparse_error
+                        row["ms"] = bench_ms(fn, dev)
+                        row["graph"] = False
+                    else:
+                        def fn():
+                            for i, wt in enumerate(weights):
+                                outs[i] = F.linear(x, wt)
+                        if backend != "dense":
+                            ref = F.linear(x.float(), wp.float())
+                            got = F.linear(x, weights[0]).float()
+                            row["rel_err"] = ((got - ref).norm() / ref.norm()).item()
+                        run, row["graph"] = graphed(fn, dev)
+                        row["ms"] = bench_ms(run, dev) / len(weights)
+                    row["tflops"] = 2 * m * n * k / (row["ms"] * 1e-3) / 1e12
+                    row["weight_gbps"] = wbytes / (row["ms"] * 1e-3) / 1e9
+                    row["pct_copy_bw"] = 100 * wbytes / (row["ms"] * 1e-3) / bw
+                    del outs
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                rows.append(row)
+                print(f"  linear {shape:8s} m={m:5d} {backend:11s} " +
+                      (f"{row['ms'] * 1e3:9.1f} us" if "ms" in row else row.get("error", "")[:80]), flush=True)
+            weights = None
+            gc.collect()
+        del dense_ws, wp, keep
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        from torch.sparse import SparseSemiStructuredTensor
+
+        SparseSemiStructuredTensor._FORCE_CUTLASS = False
+
+
+# -------------------------------------------------------------------------------------------------------------
+def build_model(dims, dev):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=dims["hidden"], intermediate_size=dims["mlp"], num_hidden_layers=dims["layers"],
+                      num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
+                      head_dim=dims["head_dim"], vocab_size=dims["vocab"], max_position_embeddings=8192,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+@torch.no_grad()
+def measure_model(model, dev, args, label, rows, deadline):
+    vocab = model.config.vocab_size
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params += sum(b.numel() * b.element_size() for b in model.buffers())
+    base = {"phase": "e2e", "variant": label, "param_bytes": params,
+            "intermediate_size": model.config.intermediate_size, "num_key_value_heads": model.config.num_key_value_heads,
+            "num_attention_heads": model.config.num_attention_heads}
+    g = torch.Generator().manual_seed(0)
+    # prefill
+    row = {**base, "mode": "prefill", "tokens": args.prefill}
+    try:
+        ids = torch.randint(3, vocab, (1, args.prefill), generator=g).to(dev)
+        fn = lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        for _ in range(2):
+            fn()
+        sync(dev)
+        ts = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            ts.append(time.perf_counter() - t)
+        row["ms"] = statistics.median(ts) * 1e3
+        row["tok_s"] = args.prefill / statistics.median(ts)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    rows.append(row)
+    print(f"  e2e {label:14s} prefill {args.prefill}: " + (f"{row['ms']:.1f} ms" if "ms" in row else row["error"][:80]),
+          flush=True)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        row = {**base, "mode": "decode", "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens}
+        if time.time() > deadline:
+            rows.append({**row, "skipped": "budget"})
+            continue
+        try:
+            ids = torch.randint(3, vocab, (batch, args.prompt), generator=g).to(dev)
+
+            def gen(n):
+                sync(dev)
+                t = time.perf_counter()
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+                sync(dev)
+                return time.perf_counter() - t
+
+            gen(4)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            steps = []
+            for _ in range(args.repeats):
+                steps.append((gen(args.new_tokens) - gen(1)) / (args.new_tokens - 1))
+            row["ms_per_step"] = statistics.median(steps) * 1e3
+            row["tok_s"] = batch / statistics.median(steps)
+            if dev.type == "cuda":
+                row["peak_bytes"] = torch.cuda.max_memory_allocated()
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(f"  e2e {label:14s} decode b{batch}: " +
+              (f"{row['tok_s']:.1f} tok/s" if "tok_s" in row else row["error"][:80]), flush=True)
+
+
+def e2e_phase(args, dev, dims, rows, deadline):
+    import hf_accel
+    from hf_accel.plugins.pruning.structured import plan, shrink_model, weight_scores
+
+    def run(label, make):
+        if time.time() > deadline:
+            rows.append({"phase": "e2e", "variant": label, "skipped": "budget"})
+            return None
+        try:
+            model = make()
+        except Exception as e:
+            rows.append({"phase": "e2e", "variant": label, "error": f"{type(e).__name__}: {e}"[:300],
+                         "trace": traceback.format_exc()[-800:]})
+            print(f"  e2e {label}: {type(e).__name__}: {e}", flush=True)
+            return None
+        measure_model(model, dev, args, label, rows, deadline)
+        return model
+
+    state = {}
+
+    def dense():
+        state["m"] = build_model(dims, dev)
+        return state["m"]
+
+    def sparse24():
+        hf_accel.apply(state["m"], "prune(method=magnitude, pattern=2:4, progress=false)")
+        return state["m"]
+
+    def fresh_shrink25():
+        state.pop("m", None)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        m = build_model(dims, dev)
+        state["cfg"] = copy.deepcopy(m.config)
+        hf_accel.apply(m, "shrink(ratio=0.25, score=weight, progress=false)")
+        state["m"] = m
+        return m
+
+    def shrink50():
+        m = state["m"]
+        keep_mlp, keep_kv = plan(state["cfg"], 0.5, "both")  # 50% of the original sizes, cut from the 25% model
+        shrink_model(m, weight_scores(m), keep_mlp, keep_kv)
+        return m
+
+    ok = run("dense", dense) is not None
+    if "2:4" in args.e2e and ok:
+        run("prune_2:4", sparse24)
+    if "shrink" in args.e2e:
+        run("shrink_25", fresh_shrink25)
+        if state.get("m") is not None:
+            run("shrink_50", shrink50)
+
+
+# -------------------------------------------------------------------------------------------------------------
+def summarize(rows, bw, dims):
+    s = {}
+    lin = {(r["shape"], r["m"], r["backend"]): r for r in rows if r["phase"] == "linear" and "ms" in r}
+    per_layer = {name: c for name, (_, _, c) in shapes_of(dims).items()}
+    ms_values = sorted({k[1] for k in lin})
+    for m in ms_values:
+        dense = sum(lin[(sh, m, "dense")]["ms"] * c for sh, c in per_layer.items() if (sh, m, "dense") in lin)
+        for be in ("cusparselt", "cutlass", "module"):
+            if all((sh, m, be) in lin for sh in per_layer) and all((sh, m, "dense") in lin for sh in per_layer):
+                sp = sum(lin[(sh, m, be)]["ms"] * c for sh, c in per_layer.items())
+                s[f"layer_speedup_{be}_m{m}"] = round(dense / sp, 3)
+        best = {}
+        for sh in per_layer:
+            cands = [lin[(sh, m, be)]["ms"] for be in ("cusparselt", "cutlass") if (sh, m, be) in lin]
+            if cands and (sh, m, "dense") in lin:
+                best[sh] = min(cands)
+                s[f"speedup_best_{sh}_m{m}"] = round(lin[(sh, m, "dense")]["ms"] / min(cands), 3)
+        if len(best) == len(per_layer) and dense:
+            s[f"layer_speedup_best_m{m}"] = round(dense / sum(best[sh] * c for sh, c in per_layer.items()), 3)
+        dpct = [lin[(sh, m, "dense")]["pct_copy_bw"] for sh in per_layer if (sh, m, "dense") in lin]
+        if dpct:
+            s[f"dense_pct_copy_bw_m{m}"] = round(statistics.mean(dpct), 1)
+    for key in ("layer_speedup_best_m2048", "layer_speedup_best_m32"):
+        if key in s:
+            s[key.replace("layer_speedup_best", "goal_1_4x_met")] = s[key] >= 1.4
+    errs = [r["rel_err"] for r in rows if "rel_err" in r]
+    if errs:
+        s["max_rel_err_sparse_vs_dense"] = max(errs)
+    e2e = [r for r in rows if r["phase"] == "e2e" and ("tok_s" in r)]
+    get = lambda v, mode, b=None: next((r for r in e2e if r["variant"] == v and r["mode"] == mode
+                                        and (b is None or r.get("batch") == b)), None)
+    d_pre = get("dense", "prefill")
+    for v in ("prune_2:4", "shrink_25", "shrink_50", "dense"):
+        pre = get(v, "prefill")
+        if pre:
+            s[f"{v.replace(':', '')}_prefill_tok_s"] = round(pre["tok_s"], 1)
+            if d_pre and v != "dense":
+                s[f"{v.replace(':', '')}_prefill_speedup"] = round(pre["tok_s"] / d_pre["tok_s"], 3)
+            s[f"{v.replace(':', '')}_param_gb"] = round(pre["param_bytes"] / 1e9, 2)
+        for b in (1, 32):
+            r, d = get(v, "decode", b), get("dense", "decode", b)
+            if r:
+                s[f"{v.replace(':', '')}_decode_b{b}_tok_s"] = round(r["tok_s"], 1)
+                if d and v != "dense":
+                    s[f"{v.replace(':', '')}_decode_b{b}_speedup"] = round(r["tok_s"] / d["tok_s"], 3)
+                if "peak_bytes" in r:
+                    s[f"{v.replace(':', '')}_decode_b{b}_peak_gb"] = round(r["peak_bytes"] / 1e9, 2)
+    s["copy_bandwidth_tb_s"] = round(bw / 1e12, 3)
+    return s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/bench_prune.json")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU dry run)")
+    ap.add_argument("--budget-s", type=float, default=170)
+    ap.add_argument("--ms", default="2048,32,1")
+    ap.add_argument("--l2-bytes", type=float, default=400 * 2**20)
+    ap.add_argument("--e2e", default="2:4,shrink", help="which pruned e2e variants ('' = dense only)")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if args.smoke:
+        args.prefill, args.ms, args.new_tokens, args.prompt, args.repeats = 64, "64,8,1", 4, 16, 1
+    dims = SMOKE if args.smoke else FULL
+    dev = torch.device(args.device)
+    t0 = time.time()
+    deadline = t0 + args.budget_s
+    rows = []
+    bw = copy_bandwidth(dev)
+    print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    try:
+        linear_phase(args, dev, dims, bw, rows, t0 + 0.35 * args.budget_s)
+    except Exception as e:
+        rows.append({"phase": "linear", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]})
+    if not args.skip_e2e:
+        try:
+            e2e_phase(args, dev, dims, rows, deadline)
+        except Exception as e:
+            rows.append({"phase": "e2e", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]})
+    from hf_accel.quality.records import versions
+
+    summary = summarize(rows, bw, dims)
+    summary.update(gpu=torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+                   versions={**versions(), "triton": _version("triton")}, date=datetime.datetime.now(
+                       datetime.timezone.utc).isoformat(timespec="seconds"),
+                   command="python " + " ".join(sys.argv), shapes=dims, smoke=args.smoke,
+                   wall_s=round(time.time() - t0, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"summary": summary, "rows": rows}, fh, indent=1, default=str)
+    print(f"\nwrote {args.out} ({summary['wall_s']} s)")
+    print(f"{'shape':8s} {'m':>5s} " + " ".join(f"{b:>11s}" for b in ("dense us", "cusparselt", "cutlass", "module")))
+    lin = {(r["shape"], r["m"], r["backend"]): r for r in rows if r["phase"] == "linear" and "ms" in r}
+    for sh in shapes_of(dims):
+        for m in sorted({k[1] for k in lin}, reverse=True):
+            cells = [f"{lin[(sh, m, b)]['ms'] * 1e3:11.1f}" if (sh, m, b) in lin else f"{'-':>11s}"
+                     for b in ("dense", "cusparselt", "cutlass", "module")]
+            print(f"{sh:8s} {m:5d} " + " ".join(cells))
+    for k, v in summary.items():
+        if isinstance(v, (int, float, bool)):
+            print(f"  {k}: {v}")
+
+
+def _version(name):
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version(name)
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()
