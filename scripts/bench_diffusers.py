@@ -181,7 +181,7 @@ def bench_kernels(args, device, dtype, rows, extra):
     if cuda:
         from triton.testing import do_bench
 
-        bench = lambda f: do_bench(f, warmup=25, rep=100) / 1000  # noqa: E731  (seconds, median)
+        bench = lambda f: do_bench(f, warmup=25, rep=100) / 1000  # noqa: E731  (seconds, mean after warm-up)
     else:
         def bench(f):
             f()
