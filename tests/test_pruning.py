@@ -96,18 +96,55 @@ def test_sparsity_and_patterns_exact(spec, zeros):
         assert all(isinstance(m, Sparse24Linear) for m in lins)
 
 
-def test_quality_ordering_on_tiny():
-    """The published ordering, SparseGPT < magnitude in perplexity at 2:4. Wanda is not in this check: on tiny it
-    scores like magnitude or worse (tiny's activations have no outlier features; the layer-level test above shows
-    Wanda's gain where input norms differ), see scripts/quality_pruning.py for all methods on `base`."""
-    _, tok = load_reference("tiny")
-    ppl = {}
-    for method in ("magnitude", "sparsegpt"):
-        model = tiny()
-        hf_accel.apply(model, f"prune(method={method}, pattern=2:4, samples=16, seq_len=128, progress=false)")
-        ppl[method] = perplexity(model, tok, max_tokens=2048)["value"]
-    dense_ppl = perplexity(tiny(), tok, max_tokens=2048)["value"]
-    assert dense_ppl < ppl["sparsegpt"] < ppl["magnitude"] * 0.96, (dense_ppl, ppl)
+def test_quality_script_ordering_on_tiny(tmp_path):
+    """scripts/quality_pruning.py on tiny: the published ordering SparseGPT < magnitude at 2:4, and a damaged
+    method (magnitude at 2:4) is measurably worse than the dense model. Wanda is not asserted: on tiny it scores
+    like magnitude or worse (tiny's activations have no outlier features; the layer-level test above shows Wanda's
+    gain where input norms differ)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import quality_pruning
+    from hf_accel.quality.reference import ASSETS
+
+    res = quality_pruning.run(str(ASSETS / "tiny"), "cpu", smoke=True,
+                              variants=["magnitude_2:4", "sparsegpt_2:4"], structured=False, out=tmp_path / "q.json")
+    s = res["summary"]
+    assert s["sparsegpt_beats_magnitude_2_4"] and s["rel_change_magnitude_2_4"] > 0.03, s
+    assert 0 < s["rel_change_sparsegpt_2_4"] < s["rel_change_magnitude_2_4"] * 0.8, s
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert saved["summary"]["dense_ppl"] == s["dense_ppl"] and saved["records"][0]["metric"] == "heldout_perplexity"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse24_kernels_on_cuda():
+    """On CUDA in bf16, Sparse24Linear runs on the semi-structured kernels and matches the dense product."""
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    keep = nm_mask(w.float().abs(), 2, 4)
+    lin = Sparse24Linear.from_dense(w * keep, keep, torch.randn(256, device="cuda", dtype=torch.bfloat16))
+    for rows in (1, 32, 2048):
+        x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x.float(), (w * keep).float(), lin.bias.float())
+        assert ((lin(x).float() - ref).norm() / ref.norm()).item() < 1e-2
+    assert lin._sparse is not None, lin._sparse_error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prune_24_bf16_cuda_roundtrip(tmp_path):
+    model = load_reference("tiny", device="cuda", dtype=torch.bfloat16)[0]
+    hf_accel.apply(model, f"prune(method=sparsegpt, pattern=2:4, {CAL})")
+    ids = sample_ids(2, 16).cuda()
+    with torch.no_grad():
+        before = model(ids).logits
+    assert all(m._sparse is not None for m in prunable(model)), [m._sparse_error for m in prunable(model)][:1]
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).cuda()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, before)
 
 
 @pytest.mark.parametrize("spec", [f"prune(method=sparsegpt, pattern=2:4, {CAL})", "prune(method=magnitude, progress=false)"])
