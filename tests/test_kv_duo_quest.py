@@ -319,3 +319,18 @@ def test_quality_script_on_tiny(tmp_path):
     assert rows["sink 1/16"]["kv_bytes_ratio_vs_full"] < 0.15
     assert data["summary"]["sink_1of16_decode_ppl_rel_change_vs_full"] == round(rows["sink 1/16"]["decode_ppl_rel_change_vs_full"], 5)
     assert any(r["metric"] == "needle_recall" for r in data["records"])
+
+
+@pytest.mark.parametrize("spec", ["quest(budget=32)", "duo(heads='10.01', sinks=2, window=8)"])
+def test_fast_runtime_composes_by_falling_back(spec):
+    """fast + a KV plugin: the KV plugin's cache is passed to generate, which the fast runtime hands to transformers'
+    own loop (with a warning): same tokens as the KV plugin alone."""
+    model = build("llama")
+    ids = sample_ids(2, 60)
+    hf_accel.apply(model, spec)
+    alone = greedy(model, ids).sequences
+    hf_accel.remove(model)
+    hf_accel.apply(model, "fast+" + spec)
+    with pytest.warns(UserWarning, match="fast"):
+        both = greedy(model, ids)
+    assert isinstance(both.past_key_values, KVCache) and torch.equal(both.sequences, alone)

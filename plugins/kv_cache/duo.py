@@ -100,7 +100,7 @@ class DuoLayer(OwnLayer):
             return
         first = self.cache.first_real(self.spos.shape[0], self.spos.device)[:, None]
         sink = (self.spos >= first) & (self.spos < first + p.sinks)
-        score = torch.where(sink, torch.iinfo(torch.int32).max, self.spos)  # recency; sinks pinned
+        score = torch.where(sink, math.inf, self.spos.float())  # recency (padding: -1, first out); sinks pinned
         keep = score.topk(p.sinks + p.window, dim=-1).indices.sort(-1).values  # [B, keep]
         self.spos = self.spos.gather(1, keep)
         idx = keep[:, None, :, None].expand(-1, self.sk.shape[1], -1, self.sk.shape[-1])

@@ -33,7 +33,7 @@ class QuestLayer(OwnLayer):
         super().__init__(cache, layer_idx)
         self.policy = policy
         self.page = policy.page
-        self.buf = GrowBuffer(align=max(128, policy.page))
+        self.buf = GrowBuffer(align=policy.page * math.ceil(128 / policy.page))
         self.real: torch.Tensor | None = None  # [B, capacity] bool: slot holds a real token
         self.kmin: torch.Tensor | None = None  # [B, H, pages, D]
         self.kmax: torch.Tensor | None = None
@@ -140,7 +140,8 @@ class QuestLayer(OwnLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.buf, self.real, self.kmin, self.kmax = 0, GrowBuffer(max(128, self.page)), None, None, None
+        self.seen, self.real, self.kmin, self.kmax = 0, None, None, None
+        self.buf = GrowBuffer(self.page * math.ceil(128 / self.page))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
