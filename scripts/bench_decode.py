@@ -344,7 +344,9 @@ def main() -> None:
                         "limit = copy bandwidth / (weights + K/V at the mean length) bytes per step"}
     if args.merge:
         old = json.load(open(args.merge))
-        report["rows"] = [r for r in old["rows"] if r["mode"] not in args.modes]
+        # keep every earlier row this run does not measure again (another mode, batch or prompt)
+        again = {(m, b, p) for m in args.modes for b in args.batch for p in args.prompt}
+        report["rows"] = [r for r in old["rows"] if (r["mode"], r["batch"], r["prompt"]) not in again]
         report["checks"] = old.get("checks", {}) if "fast" not in args.modes else {}
         report["merged_from"] = {"command": old.get("command"), "date": old.get("date")}
     for mode in args.modes:

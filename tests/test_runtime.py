@@ -439,3 +439,17 @@ def test_gpu_uncapturable_module_falls_back():
     with pytest.warns(UserWarning, match="CUDA graph"):
         got = fast.generate(ids.cuda(), max_new_tokens=5, do_sample=False)
     assert torch.equal(got, ref.generate(ids.cuda(), max_new_tokens=5, do_sample=False))
+
+
+def test_matmul_decode_attention_matches_sdpa():
+    """The GPU decode path of fast_sdpa (two matmuls, float32 softmax) against SDPA, with a padded additive mask."""
+    from hf_accel.runtime.attention import matmul_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 16, generator=g), torch.randn(2, 2, 37, 16, generator=g),
+               torch.randn(2, 2, 37, 16, generator=g))
+    visible = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+    visible[0, ..., :5] = False  # left padding of row 0
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    torch.testing.assert_close(matmul_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)

@@ -20,6 +20,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 FAST_SDPA = "hf_accel_sdpa"
+DECODE_ATTENTION = ("matmul", "sdpa")
+# how `fast_sdpa` computes short (decode / verify) queries; set by `use_fast_attention` from the runtime's option.
+# "sdpa": F.scaled_dot_product_attention, whose memory-efficient kernel parallelises over heads and query blocks
+# only (batch 1 x 8 KV heads = 8 programs for a 4k cache). "matmul": two batched matmuls and a float32 softmax,
+# which cuBLAS / inductor spread over the cache length.
+_decode_attention = "matmul"
 
 
 def fast_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -33,8 +39,18 @@ def fast_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     mask = attention_mask
     if groups > 1 and q_len > 1:
         mask = mask[:, :, None].expand(b, 1, groups, q_len, mask.shape[-1]).reshape(b, 1, groups * q_len, -1)
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    if _decode_attention == "matmul" and query.is_cuda:  # CPU keeps SDPA: token-identical to transformers
+        out = matmul_attention(q, key, value, mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, q_len, d).transpose(1, 2).contiguous(), None
+
+
+def matmul_attention(q, key, value, mask, scaling=None):
+    """softmax(q k^T * scale + mask) v for few queries, the softmax in float32 (additive `mask`)."""
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + mask
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
 
 
 AttentionInterface.register(FAST_SDPA, fast_sdpa)
@@ -54,16 +70,19 @@ def mask_kind(model) -> str | None:
 
 
 @contextlib.contextmanager
-def use_fast_attention(model):
+def use_fast_attention(model, decode_attention: str = "matmul"):
     """Route SDPA attention through `fast_sdpa` for the duration of a runtime forward (or a capture)."""
+    global _decode_attention
     config = model.config
-    old = config._attn_implementation
+    old, old_decode = config._attn_implementation, _decode_attention
     swap = old == "sdpa"
     if swap:
         config._attn_implementation_internal = FAST_SDPA
+    _decode_attention = decode_attention
     try:
         yield
     finally:
+        _decode_attention = old_decode
         if swap:
             config._attn_implementation_internal = old
 

@@ -120,9 +120,11 @@ class Runtime:
     """Everything the fast path keeps for one model: KV pool, compiled forward, sessions and their graphs."""
 
     def __init__(self, model, *, compile: bool = True, cuda_graphs: bool = True, prefill_tokens: int = 16384,
-                 lookahead: int = 2):
+                 lookahead: int = 2, decode_attention: str = "matmul", tune: bool = True):
         self.model = model
         self.options = {"compile": compile, "cuda_graphs": cuda_graphs}
+        self.decode_attention = decode_attention  # see hf_accel.runtime.attention
+        self.tune = tune  # inductor's coordinate-descent tuning: faster GEMVs, a longer first compile
         self.prefill_tokens = prefill_tokens
         self.lookahead = lookahead
         self.stats = collections.Counter()  # captures, pool_moves, calls, fallbacks
@@ -189,7 +191,7 @@ class Runtime:
         if self._forward is None:
             self._forward = forward_tokens
             if self.use_compile:
-                self._forward = torch.compile(forward_tokens, options={"coordinate_descent_tuning": True})
+                self._forward = torch.compile(forward_tokens, options={"coordinate_descent_tuning": self.tune})
         return self._forward
 
     def uncompile(self, error: BaseException) -> None:
@@ -272,7 +274,7 @@ class Session:
             return
         if self.rt.use_compile:
             self._mark_dynamic()
-        with use_fast_attention(self.rt.model):
+        with use_fast_attention(self.rt.model, self.rt.decode_attention):
             fn()
 
     def _capture(self, key: tuple, fn) -> None:
@@ -282,7 +284,7 @@ class Session:
             self._mark_dynamic()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with use_fast_attention(rt.model), torch.cuda.stream(stream):
+        with use_fast_attention(rt.model, rt.decode_attention), torch.cuda.stream(stream):
             for _ in range(2):  # compiles, autotunes, creates cuBLAS handles: none of that may happen under capture
                 try:
                     fn()
@@ -295,7 +297,7 @@ class Session:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with use_fast_attention(rt.model), torch.cuda.graph(graph, pool=rt._mempool):
+            with use_fast_attention(rt.model, rt.decode_attention), torch.cuda.graph(graph, pool=rt._mempool):
                 fn()
         except Exception as e:
             raise Unsupported(f"could not capture the decode step of {type(rt.model).__name__} as a CUDA graph "
@@ -347,7 +349,7 @@ class Session:
         logits = torch.zeros(self.batch, rt.vocab, dtype=torch.float32, device=rt.device)
         rows = max(1, rt.prefill_tokens // t)
         keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(rt.model) else {}
-        with use_fast_attention(rt.model):
+        with use_fast_attention(rt.model, rt.decode_attention):
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
                 self.cache.set_prefill(slice(r0, r1))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from hf_accel.errors import OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
 from hf_accel.runtime import RUNTIME_ATTR, Runtime, wrap_generate
+from hf_accel.runtime.attention import DECODE_ATTENTION
 
 
 @dataclass
@@ -26,12 +27,17 @@ class FastRuntime(Plugin):
     cuda_graphs: bool = True  # capture each decode step as one CUDA graph (CUDA only)
     prefill_tokens: int = 16384  # prompt tokens per prefill forward: long batches are prefilled in groups of rows
     lookahead: int = 2  # decode steps queued ahead of the host's EOS / streaming read-back
+    decode_attention: str = "matmul"  # "matmul" (spread over the cache length) or "sdpa" (PyTorch's kernel)
+    tune: bool = True  # inductor coordinate-descent tuning of the compiled step (longer first compile)
 
     def __post_init__(self):
         if self.prefill_tokens < 1:
             raise OptionError(f"plugin 'fast': option 'prefill_tokens' must be >= 1, got {self.prefill_tokens}")
         if not 0 <= self.lookahead <= 64:
             raise OptionError(f"plugin 'fast': option 'lookahead' must be in [0, 64], got {self.lookahead}")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise OptionError(f"plugin 'fast': option 'decode_attention' must be one of {list(DECODE_ATTENTION)}, "
+                              f"got {self.decode_attention!r}")
 
     def check(self, model):
         super().check(model)
@@ -42,7 +48,8 @@ class FastRuntime(Plugin):
 
     def apply(self, model, patcher):
         runtime = Runtime(model, compile=self.compile, cuda_graphs=self.cuda_graphs,
-                          prefill_tokens=self.prefill_tokens, lookahead=self.lookahead)
+                          prefill_tokens=self.prefill_tokens, lookahead=self.lookahead,
+                          decode_attention=self.decode_attention, tune=self.tune)
         patcher.set_attr(model, RUNTIME_ATTR, runtime)
         patcher.set_attr(model, "generate", wrap_generate(model, runtime, model.generate))
 
