@@ -33,7 +33,7 @@ from hf_accel.quality import (
     train_tokenizer, unigram_perplexity,
 )
 from hf_accel.quality.agreement import greedy_generate, heldout_prompts
-from hf_accel.quality.needle import needle_training_example
+from hf_accel.quality.needle import needle_training_row
 
 GPU_EXTRA = ("torch", "transformers")  # GPU models need more tokens than the stdlib's ~9M
 
@@ -58,10 +58,13 @@ class Preset:
     needles_per_depth: int = 4  # evaluation
     max_needles: int = 2  # per training row
     needle_edge_prob: float = 0.0  # share of training needles placed exactly at the start / end of the row
+    # weight of the mean loss over needle-answer tokens, added to the LM loss: answers are ~1 token in 1,000, and
+    # recall needs every one of a value's ~7 tokens copied exactly (0.97 per token gives 0.82 recall)
+    answer_weight: float = 0.0
 
 
 GPU = dict(extra_packages=GPU_EXTRA, eval_tokens=262144, needles_per_depth=10, max_needles=4,
-           needle_edge_prob=0.2)
+           needle_edge_prob=0.2, answer_weight=0.5)
 PRESETS = {
     "tiny": Preset("llama", 4096, 128, 4, 4, 4, 384, 256, 16, 3e-3, 600, 30, 0.1),
     "small": Preset("llama", 16384, 512, 6, 8, 8, 1408, 2048, 32, 1.5e-3, 3000, 100, 0.5, **GPU),
@@ -83,17 +86,20 @@ def make_model(p: Preset, tokenizer) -> torch.nn.Module:
     return Qwen2ForCausalLM(Qwen2Config(**kwargs))
 
 
-def sample_batch(p: Preset, stream: torch.Tensor, tokenizer, rng: random.Random) -> torch.Tensor:
-    """``batch`` rows of ``context + 1`` tokens: random windows of the train stream, some holding needles."""
-    rows = []
+def sample_batch(p: Preset, stream: torch.Tensor, tokenizer, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` rows of ``context + 1`` tokens (random windows of the train stream, some holding needles) and the
+    mask of their needle-answer tokens."""
+    rows, masks = [], []
     for _ in range(p.batch):
         if rng.random() < p.needle_fraction:
-            rows.append(needle_training_example(rng, stream, tokenizer, p.context + 1, p.max_needles,
-                                                p.needle_edge_prob))
+            row, mask = needle_training_row(rng, stream, tokenizer, p.context + 1, p.max_needles, p.needle_edge_prob)
         else:
             start = rng.randrange(len(stream) - p.context - 1)
-            rows.append(stream[start : start + p.context + 1])
-    return torch.stack(rows)
+            row = stream[start : start + p.context + 1]
+            mask = torch.zeros(len(row), dtype=torch.bool)
+        rows.append(row)
+        masks.append(mask)
+    return torch.stack(rows), torch.stack(masks)
 
 
 def lr_at(p: Preset, step: int, total: int | None) -> float:
@@ -117,18 +123,22 @@ def train(model, p: Preset, stream, tokenizer, args) -> dict:
     bar = tqdm(total=total, desc=f"train {args.model}", unit="step")
     step = 0
     while total is None or step < total:
-        batch = sample_batch(p, stream, tokenizer, rng).to(device)
+        batch, answers = sample_batch(p, stream, tokenizer, rng)
+        batch, answers = batch.to(device), answers[:, 1:].flatten().to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(p, step, total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = forward(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        loss = token_loss.mean()
+        if p.answer_weight and bool(answers.any()):
+            loss = loss + p.answer_weight * token_loss[answers].mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        losses.append(loss.item())
+        losses.append(token_loss.mean().item())  # the LM loss (without the answer term)
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if step == 5:
@@ -170,6 +180,8 @@ def write_card(out: Path, name: str, p: Preset, facts: dict, records: list[dict]
         "lines `NEEDLE_xxxxxx = 'vvvvvvvv'` inserted at random line starts of a corpus window, and at the end "
         "`print(NEEDLE_xxxxxx)  # -> 'vvvvvvvv'` for each, in random order"
         + (f"; {p.needle_edge_prob:.0%} of needles sit exactly at a row's start or end" if p.needle_edge_prob else "")
+        + (f"; the mean loss over answer tokens is added to the LM loss with weight {p.answer_weight}"
+           if p.answer_weight else "")
         + " (see `hf_accel/quality/needle.py`; the plain corpus does not teach long-range retrieval)."
         if p.needle_fraction else "No synthetic examples."
     )

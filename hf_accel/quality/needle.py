@@ -87,13 +87,22 @@ def needle_training_example(rng: random.Random, stream: torch.Tensor, tokenizer,
     its answer. Several needles per row give more retrieval targets per row: the answers are few tokens.
     A share ``edge_prob`` of needles sits exactly at the window's start or end, which uniform depths rarely hit.
     """
+    return needle_training_row(rng, stream, tokenizer, length, max_needles, edge_prob)[0]
+
+
+def needle_training_row(rng: random.Random, stream: torch.Tensor, tokenizer, length: int,
+                        max_needles: int = 2, edge_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`needle_training_example` and a bool mask of its answer tokens (so training can weight them)."""
     needles = [Needle.random(rng) for _ in range(rng.randint(1, max_needles))]
     asked = rng.sample(needles, len(needles))
-    tail = torch.cat([_encode(tokenizer, n.query + n.answer) for n in asked])
+    pairs = [(_encode(tokenizer, n.query + n.answer), len(_encode(tokenizer, n.query))) for n in asked]
+    tail = torch.cat([qa for qa, _ in pairs])
+    tail_mask = torch.cat([torch.arange(len(qa)) >= q for qa, q in pairs])
     n_needle_tokens = sum(len(_encode(tokenizer, n.line)) for n in needles)
     hay = _hay(stream, rng, length - n_needle_tokens - len(tail))
     depths = [rng.choice((0.0, 1.0)) if edge_prob and rng.random() < edge_prob else rng.random() for _ in needles]
-    return torch.cat([insert_needles(tokenizer, hay, needles, depths), tail])
+    body = insert_needles(tokenizer, hay, needles, depths)
+    return torch.cat([body, tail]), torch.cat([torch.zeros(len(body), dtype=torch.bool), tail_mask])
 
 
 def _haystack_prompt(tokenizer, stream, rng, length, needles, depths, query: Needle) -> torch.Tensor:
