@@ -2,6 +2,7 @@
 own, then through accel= on five real architectures (folding, atomicity, reload)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -153,3 +154,31 @@ def test_option_errors():
     for bad in ("int4(outliers=0.5)", "int8(method=hqq)", "int4(zero_point=sym)", "int8(calibration_tokens=0)"):
         with pytest.raises(OptionError):
             hf_accel.AccelConfig.from_spec(bad)
+
+
+@pytest.mark.slow
+def test_quality_script_on_tiny_sees_a_damaged_quantizer(tmp_path, monkeypatch):
+    """scripts/quality_quant.py on the shipped tiny reference: GPTQ beats RTN, and a quantizer whose scales are 4x
+    too coarse (2 of 4 bits wasted) is measurably worse than the real one."""
+    import importlib.util
+    import pathlib
+
+    from hf_accel.plugins.quantization import methods
+    from hf_accel.quality.reference import reference_path
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "quality_quant.py"
+    spec = importlib.util.spec_from_file_location("quality_quant", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--model", str(reference_path("tiny")), "--device", "cpu", "--smoke"]
+    good = script.main(args + ["--out", str(tmp_path / "good.json"), "--variants", "int4 g128 rtn,int4 g128 gptq"])
+    assert good["variants_run"] == 2 and good["variants_failed"] == 0
+    assert good["int4_g128_gptq_kl"] < good["int4_g128_rtn_kl"]
+
+    fit = methods.Grid.fit
+    monkeypatch.setattr(methods.Grid, "fit", lambda self, wg, valid=None: (lambda s, z: (s * 4, z))(*fit(self, wg, valid)))
+    bad = script.main(args + ["--out", str(tmp_path / "bad.json"), "--variants", "int4 g128 gptq"])
+    assert bad["int4_g128_gptq_kl"] > 3 * good["int4_g128_gptq_kl"], (bad, good)
+    assert bad["int4_g128_gptq_ppl_change_pct"] > good["int4_g128_gptq_ppl_change_pct"]
+    saved = json.loads((tmp_path / "bad.json").read_text())
+    assert saved["summary"]["command"] and saved["records"] and saved["rows"][0]["label"] == "unquantized"
