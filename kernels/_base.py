@@ -94,6 +94,9 @@ def _device_key(index: int) -> str:
     return "other"
 
 
+SIBLING = {"h200": "h100"}  # same SM (sm_90, 132 SMs, 50 MB L2); only the memory differs
+
+
 def device_key(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
@@ -110,9 +113,13 @@ def choose(table: dict, fmt: str, m: int, n: int, k: int, device: torch.device, 
     """(kernel, config) for a batch of m rows: the measured choice for (device, format, batch bucket, N, K) when
     the table has one, else the GEMV kernel up to `gemv_max_m` rows, the tensor-core kernel up to DOT_M rows, and
     the prefill path ("dequant": dequantise, then cuBLAS) above."""
-    hit = table.get((device_key(device), fmt, m_bucket(m), n, k))
-    if hit is None and m > DOT_M:  # bucket 0: the measured prefill choice ("dequant" or "dot") for any M > DOT_M
-        hit = table.get((device_key(device), fmt, 0, n, k))
+    hit = None
+    for key in (device_key(device), SIBLING.get(device_key(device))):  # an H200 uses H100 entries until it has its own
+        hit = table.get((key, fmt, m_bucket(m), n, k))
+        if hit is None and m > DOT_M:  # bucket 0: the measured prefill choice ("dequant" or "dot") for any M > DOT_M
+            hit = table.get((key, fmt, 0, n, k))
+        if hit is not None:
+            break
     if hit is not None:
         hit = dict(hit)
         kind = hit.pop("kernel")

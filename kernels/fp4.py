@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._base import HAS_TRITON, LaunchConfig, device_key, flatten, m_bucket, sm_count, split_plan, splitk_reduce, use_triton
+from ._base import SIBLING, HAS_TRITON, LaunchConfig, device_key, flatten, m_bucket, sm_count, split_plan, splitk_reduce, use_triton
 from .int4 import pack_int4, padded_k, unpack_int4
 
 FORMATS = {"mxfp4": 32, "nvfp4": 16}  # format -> block size
@@ -283,7 +283,8 @@ def fp4_linear_triton(x, qweight, scales, global_scale, bias, fmt: str, in_featu
     n = qweight.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    hit = TUNED.get((device_key(x2.device), fmt, m_bucket(m), n, x2.shape[1]))
+    dk = device_key(x2.device)
+    hit = TUNED.get((dk, fmt, m_bucket(m), n, x2.shape[1])) or TUNED.get((SIBLING.get(dk), fmt, m_bucket(m), n, x2.shape[1]))
     if hit is not None:
         hit = dict(hit)
         kind = hit.pop("kernel")

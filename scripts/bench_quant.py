@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FULL = dict(hidden=4096, mlp=14336, layers=32, vocab=128256, kv=1024, heads=32, kv_heads=8)
-SMOKE = dict(hidden=256, mlp=512, layers=2, vocab=1000, kv=64, heads=4, kv_heads=1)
+SMOKE = dict(hidden=128, mlp=256, layers=2, vocab=512, kv=32, heads=4, kv_heads=1)  # CPU dry run (interpreter)
 FORMATS = ["bf16", "int8", "fp8", "int4g128", "int4g64", "mxfp4", "nvfp4"]
 PRIORITY = ["int4g128", "int8", "mxfp4", "fp8", "int4g64", "nvfp4"]  # tuning order (budget)
 L2_MULTIPLE_BYTES = 400 * 2**20
@@ -149,7 +149,7 @@ def graph_ms(fns, replays: int = 15) -> float:
         for f in fns:
             f()
         ts = []
-        for _ in range(3):
+        for _ in range(1):
             t = time.perf_counter()
             for f in fns:
                 f()
