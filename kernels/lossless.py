@@ -3,16 +3,17 @@
 A bf16 weight is sign (1) | exponent (8) | mantissa (7). In a trained layer the exponents fill a narrow range
 (entropy ~2.6 bits), so the format keeps sign + mantissa as one byte and replaces the exponent by a 4-bit code:
 
-    code c in 0..14 -> exponent = base + c         (a per-layer window of 15 consecutive exponents)
-    code 15         -> exponent = 0                 (+-0 and subnormals: exact, no side storage)
-    escapes         -> any other exponent: the weight is stored exactly (its 16 bits) in a per-row side list
-                       (CSR: row pointers, columns, values); in the dense planes it reads as +0 (code 15, byte 0)
+    code c in 0..15 -> exponent = base + c         (a per-layer window of 16 consecutive exponents)
+    escapes         -> any other exponent (also 0: +-0 and subnormals; 255: inf/nan): the weight is stored exactly
+                       (its 16 bits) in a per-row side list (CSR: row pointers, columns, values); in the dense
+                       planes it is a placeholder (code 0, byte 0), which reads as P = 2^(base - 127)
+Decoding is then branch- and select-free: fp32 bits = (sign|mantissa byte placed) + ((c + base) << 23).
 
 Tensors of one layer (W [N, K], K even, H = K / 2):
     sm    uint8 [N, K]    sign << 7 | mantissa (0 at escapes)
     code  uint8 [N, H]    code[n, j] | code[n, j + H] << 4: byte j holds the codes of columns j and j + H, so a
                           kernel reading columns j0..j0+B of both halves loads every byte once, with no shuffle
-    base  int32 [1]       the window's first exponent (1..240, so 255 = inf/nan is never in the window)
+    base  int32 [1]       the window's first exponent (1..239: 0 and 255 are never in the window)
     ptr   int32 [N + 1]   escapes of row n are entries ptr[n]:ptr[n+1] (row-major, ascending column)
     col   int32 [cap]     their columns; cap = capacity(N, K, max_escape_rate) depends on the shape only, so a
     val   int16 [cap]     saved layer's skeleton can be built before its weights load; val = the exact bf16 bits
@@ -22,7 +23,8 @@ rate on the 8B shapes.
 Kernels (Triton; each tested against the torch reference under TRITON_INTERPRET=1):
 - `_ll_gemv` (M = 1 .. GEMV_M rows, one program row per x row): decodes a [BLOCK_N, 2 BLOCK_K] tile to fp32 in
   registers (exact: every bf16 is an fp32), fp32 FMA into a 2-D accumulator reduced once, then adds the row's
-  escapes (w x[col]) before the one rounding to bf16. No split-K: deterministic.
+  escapes as (w - P) x[col] (w x[col] - P x[col], two FMAs) before the one rounding to bf16. No split-K:
+  deterministic.
 - `_ll_dot` (up to DOT_M rows): the decoded tile as bf16 (exact) is the MMA's A operand (swap AB), x^T the B one.
 - `_ll_decode` + `_ll_scatter`: bf16 weights, bit-identical to the original, for the prefill path (then cuBLAS)
   and for `exact` layers.
@@ -30,7 +32,8 @@ Kernels (Triton; each tested against the torch reference under TRITON_INTERPRET=
 What is bit-identical: the decoded weight, always (every bit pattern: +-0, subnormals, inf, NaN payloads). A
 forward through decode + F.linear is bit-identical to the bf16 model's F.linear by construction (the CPU path, the
 prefill path on CUDA, and every call with `exact=True`). The fused kernels compute the same products in fp32 but
-in their own order (tile sums, then escapes), so their bf16 outputs can differ from cuBLAS's in the last bit.
+in their own order (tile sums with the placeholders, then the escape corrections), so their bf16 outputs can differ
+from cuBLAS's in the last bit (and an inf/nan activation meeting a placeholder gives nan).
 """
 
 from __future__ import annotations
@@ -44,9 +47,8 @@ import torch.nn.functional as F
 
 from ._base import HAS_TRITON, LaunchConfig, dot, flatten, interpreting, sm_count
 
-ESCAPE = 15
-WINDOW = 15
-MAX_BASE = 254 - WINDOW + 1  # base + 14 <= 254: inf/nan (255) are escapes
+WINDOW = 16
+MAX_BASE = 254 - WINDOW + 1  # base + 15 <= 254: inf/nan (255) are escapes; base >= 1: zeros/subnormals too
 GEMV_M = int(os.environ.get("HF_ACCEL_LOSSLESS_GEMV_M", "1"))  # rows served by the GEMV kernel
 DOT_M = int(os.environ.get("HF_ACCEL_LOSSLESS_DOT_M", "16"))  # rows served by the tensor-core kernel; above: decode
 DEFAULT_MAX_ESCAPE_RATE = 2.0 ** -11
@@ -68,8 +70,8 @@ def exponent_histogram(w: torch.Tensor) -> torch.Tensor:
 
 
 def best_window(hist: torch.Tensor) -> tuple[int, int]:
-    """(base, covered): the window [base, base + 14] (1 <= base <= MAX_BASE) covering the most weights with a
-    nonzero exponent. Ties go to the lower base."""
+    """(base, covered): the window [base, base + 15] (1 <= base <= MAX_BASE) covering the most weights.
+    Ties go to the lower base."""
     h = hist.clone().to(torch.int64)
     h[0] = 0
     cs = torch.cat([torch.zeros(1, dtype=torch.int64), h.cumsum(0)])
@@ -86,7 +88,7 @@ def capacity(n: int, k: int, max_escape_rate: float) -> int:
 
 def escape_count(hist: torch.Tensor, base: int) -> int:
     h = hist.to(torch.int64)
-    return int(h.sum() - h[0] - h[base:base + WINDOW].sum())
+    return int(h.sum() - h[base:base + WINDOW].sum())
 
 
 def format_bits_per_weight(n: int, k: int, max_escape_rate: float) -> float:
@@ -106,11 +108,11 @@ def encode(w: torch.Tensor, cap: int) -> dict[str, torch.Tensor]:
     exp = (bits >> 7) & 0xFF
     base, _ = best_window(exponent_histogram(w))
     in_win = (exp >= base) & (exp < base + WINDOW)
-    esc = ~in_win & (exp != 0)
+    esc = ~in_win
     n_esc = int(esc.sum())
     if n_esc > cap:
         raise ValueError(f"{n_esc} escapes ({n_esc / (n * k):.2e} of the weights) exceed the capacity {cap}")
-    code = torch.where(in_win, exp - base, torch.full_like(exp, ESCAPE))
+    code = torch.where(in_win, exp - base, torch.zeros_like(exp))  # escapes: placeholder code 0, byte 0
     sm = ((bits >> 8) & 0x80) | (bits & 0x7F)
     sm = torch.where(esc, torch.zeros_like(sm), sm)
     packed = code[:, :h] | (code[:, h:] << 4)
@@ -137,7 +139,7 @@ def decode_ref(sm: torch.Tensor, code: torch.Tensor, base: torch.Tensor, ptr: to
     n, k = sm.shape
     c = code.to(torch.int32)
     c = torch.cat([c & 0xF, c >> 4], dim=1)
-    exp = torch.where(c == ESCAPE, torch.zeros_like(c), c + base.to(torch.int32))
+    exp = c + base.to(torch.int32)
     s = sm.to(torch.int32)
     bits = ((s & 0x80) << 8) | (exp << 7) | (s & 0x7F)
     n_esc = int(ptr[-1])
@@ -204,16 +206,16 @@ if HAS_TRITON:
     _dot = dot
 
     @triton.jit
-    def _ll_f32(c, s, base):
-        """4-bit codes + sign/mantissa bytes (int32 tiles) -> the bf16 values as fp32 (exact)."""
-        e = tl.where(c == 15, 0, c + base)
-        bits = ((s & 0x80) << 24) | (e << 23) | ((s & 0x7F) << 16)
-        return bits.to(tl.float32, bitcast=True)
+    def _ll_f32(c, s, base23):
+        """4-bit codes (already at bit 23: c << 23) + sign/mantissa bytes (int32) -> the bf16 values as fp32
+        (exact). base23 = base << 23. The sign byte is sign-extended, so one shift and one mask place sign and
+        mantissa; the exponent field is a plain add (no select: every code is a window exponent)."""
+        sm = (s.to(tl.int8).to(tl.int32) << 16) & -2139095041  # 0x807FFFFF: sign at 31, mantissa at 16..22
+        return (sm + c + base23).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _ll_bits16(c, s, base):
-        e = tl.where(c == 15, 0, c + base)
-        return (((s & 0x80) << 8) | (e << 7) | (s & 0x7F)).to(tl.int16)
+        return (((s & 0x80) << 8) | ((c + base) << 7) | (s & 0x7F)).to(tl.int16)
 
     @triton.jit
     def _ll_gemv(x_ptr, sm_ptr, code_ptr, base_ptr, ptr_ptr, col_ptr, val_ptr, b_ptr, y_ptr,
@@ -225,6 +227,7 @@ if HAS_TRITON:
         rn_in = tl.where(rn < N, rn, 0)
         rk = tl.arange(0, BLOCK_K)
         base = tl.load(base_ptr)
+        base23 = base << 23
         row64 = rn_in[:, None].to(tl.int64)
         sm_ptrs = sm_ptr + row64 * K + rk[None, :]
         c_ptrs = code_ptr + row64 * H + rk[None, :]
@@ -244,13 +247,14 @@ if HAS_TRITON:
                 s_hi = tl.load(sm_ptrs + H, mask=k_in[None, :], other=0, eviction_policy="evict_first").to(tl.int32)
                 x_lo = tl.load(x_ptrs, mask=k_in, other=0.0).to(tl.float32)
                 x_hi = tl.load(x_ptrs + H, mask=k_in, other=0.0).to(tl.float32)
-            acc += _ll_f32(c & 15, s_lo, base) * x_lo[None, :]
-            acc += _ll_f32(c >> 4, s_hi, base) * x_hi[None, :]
+            acc += _ll_f32((c << 23) & 125829120, s_lo, base23) * x_lo[None, :]  # 0x07800000: the code at bit 23
+            acc += _ll_f32((c << 19) & 125829120, s_hi, base23) * x_hi[None, :]
             sm_ptrs += BLOCK_K
             c_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
-        # escapes: the row's exact weights that read as +0 above
+        # escapes: the row's exact weights, whose placeholders read as P = 2^(base - 127) above
+        p = base23.to(tl.float32, bitcast=True)
         start = tl.load(ptr_ptr + rn_in)
         cnt = tl.where(rn < N, tl.load(ptr_ptr + rn_in + 1) - start, 0)
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
@@ -260,7 +264,7 @@ if HAS_TRITON:
             v = tl.load(val_ptr + start + e, mask=has, other=0).to(tl.int32)
             w = ((v & 0xFFFF) << 16).to(tl.float32, bitcast=True)
             xv = tl.load(x_row + col, mask=has, other=0.0).to(tl.float32)
-            y += tl.where(has, w * xv, 0.0)
+            y += tl.where(has, w * xv - p * xv, 0.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + rn_in).to(tl.float32)
         tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
@@ -304,6 +308,7 @@ if HAS_TRITON:
             sm_ptrs += BLOCK_K
             c_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        p = (base << 23).to(tl.float32, bitcast=True)  # the placeholders' value (code 0, byte 0)
         start = tl.load(ptr_ptr + rn_in)
         cnt = tl.where(rn < N, tl.load(ptr_ptr + rn_in + 1) - start, 0)
         for e in range(0, tl.max(cnt, axis=0)):
@@ -313,7 +318,7 @@ if HAS_TRITON:
             w = ((v & 0xFFFF) << 16).to(tl.float32, bitcast=True)
             xv = tl.load(x_ptr + rm_in[None, :].to(tl.int64) * stride_xm + col[:, None],
                          mask=has[:, None], other=0.0).to(tl.float32)  # [BN, BM]
-            acc += tl.where(has[:, None], w[:, None] * xv, 0.0)
+            acc += tl.where(has[:, None], w[:, None] * xv - p * xv, 0.0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn_in).to(tl.float32)[:, None]
         y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
@@ -334,7 +339,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ll_scatter(ptr_ptr, col_ptr, val_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr):
-        """Writes the escapes over the +0 placeholders that _ll_decode left (run after it, same stream)."""
+        """Writes the escapes over the placeholders that _ll_decode left (run after it, same stream)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rn_in = tl.where(rn < N, rn, 0)
         start = tl.load(ptr_ptr + rn_in)
