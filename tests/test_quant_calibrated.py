@@ -182,3 +182,50 @@ def test_quality_script_on_tiny_sees_a_damaged_quantizer(tmp_path, monkeypatch):
     assert bad["int4_g128_gptq_ppl_change_pct"] > good["int4_g128_gptq_ppl_change_pct"]
     saved = json.loads((tmp_path / "bad.json").read_text())
     assert saved["summary"]["command"] and saved["records"] and saved["rows"][0]["label"] == "unquantized"
+
+
+# -- compressed-tensors export -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("spec", ["int4(method=gptq, zero_point=int, group_size=32)",
+                                  "int4(method=hqq, zero_point=symmetric, group_size=64)", "int8(method=awq)", "fp8"])
+def test_compressed_tensors_export_reloads_exactly(tmp_path, arch, spec):
+    pytest.importorskip("compressed_tensors")
+    from safetensors import safe_open
+
+    from hf_accel.plugins.quantization.export import export_compressed_tensors, verify_compressed_tensors
+
+    model = build(arch)
+    with calibration(ids=CALIB):
+        hf_accel.apply(model, spec)
+    qconfig = export_compressed_tensors(model, tmp_path / "ct")
+    assert qconfig["quant_method"] == "compressed-tensors" and qconfig["ignore"] == ["lm_head"]
+    fmt = {"int4": "pack-quantized", "int8": "int-quantized", "fp8": "float-quantized"}[spec[:4].rstrip("(")]
+    assert qconfig["format"] == fmt
+    weights = qconfig["config_groups"]["group_0"]["weights"]
+    if spec.startswith("int4"):
+        assert weights["group_size"] == (32 if "32" in spec else 64)
+        assert weights["symmetric"] == ("symmetric" in spec)
+        with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+            names = set(f.keys())
+        assert "model.layers.0.mlp.down_proj.weight_packed" in names
+        assert ("model.layers.0.mlp.down_proj.weight_zero_point" in names) == ("symmetric" not in spec)
+    diffs = verify_compressed_tensors(model, tmp_path / "ct")  # transformers + compressed-tensors, decompressed
+    assert len(diffs) == 14 and max(diffs.values()) == 0.0
+
+
+def test_compressed_tensors_export_refuses_what_it_cannot_write(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from hf_accel.plugins.quantization.export import ExportError, export_compressed_tensors
+
+    cases = [("llama", "int4(method=rtn, group_size=32)", "zero_point=int"),  # float zero points
+             ("llama", "int8(outliers=0.02)", "outliers"),
+             ("llama", "int4(zero_point=int, group_size=128)", "multiple of its group size"),  # K = 64 < 128
+             ("gpt2", "int8", "Conv1D")]
+    for arch, spec, message in cases:
+        model = build(arch)
+        hf_accel.apply(model, spec)
+        with pytest.raises(ExportError, match=message):
+            export_compressed_tensors(model, tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(ExportError, match="no int4/int8/fp8"):
+        export_compressed_tensors(build("llama"), tmp_path / "x")
