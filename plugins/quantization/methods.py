@@ -272,7 +272,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, mask: Opti
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     codes = torch.zeros_like(W)
-    final = torch.zeros_like(W)  # the (updated) weight each column had when it was quantized
+    final = torch.zeros_like(W) if mask is not None else None  # each outlier's (updated) weight when quantized
     S = torch.zeros(n, kp // gs, device=w.device)
     Z = torch.zeros_like(S)
     valid = None if mask is None else ~mask
@@ -296,10 +296,10 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, mask: Opti
             dq = grid.dequant(q, S[:, g], Z[:, g])
             if mask is not None:
                 dq = torch.where(mask[:, col], wcol, dq)  # an outlier is kept exactly: no error to spread
+                final[:, col] = wcol
             codes[:, col] = q
-            final[:, col] = wcol
             err = (wcol - dq) / H1[i, i]
-            W1[:, i:] -= err[:, None] * H1[i, i:][None, :]
+            W1[:, i:].addr_(err, H1[i, i:], alpha=-1.0)  # one launch per column (the loop is launch-bound on GPUs)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return _finish(final, codes, S, Z, grid, mask)
+    return _finish(final if mask is not None else w, codes, S, Z, grid, mask)
