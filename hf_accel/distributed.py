@@ -30,7 +30,11 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 
+import contextvars
+
 REPLICATE_STYLE = "hf_accel_replicate"
+# Set by our from_pretrained wrapper while transformers loads a model tensor-parallel: the TP size (else None).
+TP_LOADING: contextvars.ContextVar[int | None] = contextvars.ContextVar("hf_accel_tp_loading", default=None)
 COLWISE = ("colwise",)  # output stays sharded on the last dim: the next row-wise layer consumes it
 ROWWISE = ("rowwise",)  # input sharded on the last dim, output all-reduced
 # dims for a plain nn.Linear: {param: (dim under colwise, dim under rowwise or None = replicated)}
@@ -101,10 +105,17 @@ def register_styles() -> None:
         ALL_PARALLEL_STYLES.register(REPLICATE_STYLE, TensorParallelLayer())
 
 
-def _world() -> int:
+def tp_size_requested(kwargs: dict) -> int | None:
+    """The TP size a from_pretrained call asks for (tp_plan= / tp_size= / distributed_config=), or None."""
     import torch.distributed as dist
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    config = kwargs.get("distributed_config")
+    size = kwargs.get("tp_size") or getattr(config, "tp_size", None)
+    if kwargs.get("tp_plan") is None and not (config is not None and getattr(config, "tp_plan", None)):
+        return None if not size or size <= 1 else size
+    if not size:
+        size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+    return size
 
 
 def prepare_tp_plan(model: nn.Module) -> int:
@@ -115,7 +126,7 @@ def prepare_tp_plan(model: nn.Module) -> int:
     if not plan:
         return 0
     register_styles()
-    world = _world()
+    world = TP_LOADING.get() or 1  # only a tensor-parallel load is checked (torchrun may be data-parallel)
     added = 0
     for name, module in model.named_modules():
         dims = getattr(type(module), "TP_DIMS", None)

@@ -27,8 +27,8 @@ def _save_models(root: str) -> None:
     LlamaForCausalLM(LlamaConfig(**CFG)).save_pretrained(f"{root}/float")
     torch.manual_seed(1)
     LlamaForCausalLM(LlamaConfig(**{**CFG, "num_hidden_layers": 1})).save_pretrained(f"{root}/draft")
-    for spec in ("int8", "fp8", "int4"):
-        full = "int4(group_size=32, method=rtn)" if spec == "int4" else spec
+    for spec in ("int8", "fp8", "int4", "int4g64"):
+        full = {"int4": "int4(group_size=32, method=rtn)", "int4g64": "int4(group_size=64, method=rtn)"}.get(spec, spec)
         AutoModelForCausalLM.from_pretrained(f"{root}/float", accel=full).save_pretrained(f"{root}/art-{spec}")
 
 
@@ -92,7 +92,7 @@ def test_transformers_tp_then_accel(tp_results):
         assert r["max_diff"] < 1e-2 and r["same_generate"] and r["same_generate_h2o"]
 
 
-@pytest.mark.parametrize("plugin", ["h2o", "sink", "snapkv", "fast", "lookup", "draft"])
+@pytest.mark.parametrize("plugin", ["h2o", "sink", "snapkv", "kvquant", "fast", "lookup", "draft"])
 def test_generate_under_tp_matches_single_process(tp_results, plugin):
     for r in _each(tp_results, f"generate_{plugin}"):
         assert r["hf_tp_same"] and r["local_tp_same"]
@@ -101,6 +101,8 @@ def test_generate_under_tp_matches_single_process(tp_results, plugin):
 def test_bad_int4_split_refused_model_unchanged(tp_results):
     for r in _each(tp_results, "refuses_bad_int4_split"):
         assert r["refused"] and "whole int4 groups" in r["refused"] and r["unchanged"]
+    for r in _each(tp_results, "hf_tp_refuses_bad_int4_artifact"):  # before any weight is read
+        assert r["refused"] and "whole int4 groups" in r["refused"]
 
 
 # --- single process ----------------------------------------------------------------------------------------------

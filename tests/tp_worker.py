@@ -84,8 +84,9 @@ for spec in ("int8", "int4(group_size=32, method=hqq)"):  # transformers' TP on 
 REF = AutoModelForCausalLM.from_pretrained(f"{ROOT}/float")
 HF_TP = AutoModelForCausalLM.from_pretrained(f"{ROOT}/float", tp_plan="auto")
 LOCAL_TP = shard_model(AutoModelForCausalLM.from_pretrained(f"{ROOT}/float"))
-for spec in ("h2o(budget=8, recent=4)", "sink(window=6, sinks=2)", "snapkv(budget=8, window=4, kernel=3)", "fast",
-             "lookup(k=3)", f"draft(draft='{ROOT}/draft', k=3)"):  # 3. runtime, KV and speculative plugins under TP
+for spec in ("h2o(budget=8, recent=4)", "sink(window=6, sinks=2)", "snapkv(budget=8, window=4, kernel=3)",
+             "kvquant(bits=4, group=8, residual=4)", "fast", "lookup(k=3)",
+             f"draft(draft='{ROOT}/draft', k=3)"):  # 3. runtime, KV and speculative plugins under TP
     @check(f"generate_{spec.split('(')[0]}")
     def _(spec=spec):
         out = {}
@@ -107,6 +108,15 @@ def _():
         shard_model(tp)
     except hf_accel.AccelError as e:
         return {"refused": str(e), "unchanged": tp.model.layers[0].self_attn.o_proj.weight.shape == before}
+    return {"refused": None}
+
+
+@check("hf_tp_refuses_bad_int4_artifact")
+def _():
+    try:
+        AutoModelForCausalLM.from_pretrained(f"{ROOT}/art-int4g64", tp_plan="auto")
+    except hf_accel.AccelError as e:
+        return {"refused": str(e)}
     return {"refused": None}
 
 

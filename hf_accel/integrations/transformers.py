@@ -25,7 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .. import artifacts
 from ..apply import AccelState, _on_applied, apply, get_config
 from ..config import FORMAT_VERSION, AccelConfig
-from ..distributed import localize, prepare_tp_plan
+from ..distributed import TP_LOADING, localize, prepare_tp_plan, tp_size_requested
 from ..errors import AccelError, ArtifactError, ConflictError
 from ..version import __version__
 
@@ -132,7 +132,11 @@ def _wrap_from_pretrained(original):
             )
         if pretrained_model_name_or_path is not None:
             artifacts.verify_transformers_artifact(pretrained_model_name_or_path, _hub_kwargs(kwargs))
-        model = original(cls, pretrained_model_name_or_path, *args, **kwargs)
+        token = TP_LOADING.set(tp_size_requested(kwargs))
+        try:
+            model = original(cls, pretrained_model_name_or_path, *args, **kwargs)
+        finally:
+            TP_LOADING.reset(token)
         if (requested or get_config(model)) and getattr(model, "_tp_size", None) and model._tp_size > 1:
             localize(model)  # tp_plan=: our layers run on plain local shards (see hf_accel.distributed)
         if requested:
