@@ -386,7 +386,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/bench_prune.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU dry run)")
-    ap.add_argument("--budget-s", type=float, default=170)
+    ap.add_argument("--budget-s", type=float, default=150)
     ap.add_argument("--ms", default="2048,32,1")
     ap.add_argument("--l2-bytes", type=float, default=400 * 2**20)
     ap.add_argument("--e2e", default="2:4,shrink", help="which pruned e2e variants ('' = dense only)")
