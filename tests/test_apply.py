@@ -23,8 +23,9 @@ def test_int8_quantizes_every_linear_but_the_head(arch):
     out = model(ids).logits
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.03, rel  # int8 per-channel: small but real error
-    assert hf_accel.get_config(model).to_string() == "int8(skip=[lm_head])"
-    assert model.config.quantization_config.plugins == [{"name": "int8", "options": {"skip": ["lm_head"]}}]
+    assert hf_accel.get_config(model).to_string() == "int8(skip=[lm_head], outliers=0.0, calibration_tokens=32768, calibration_seq_len=512, method=rtn)"
+    assert model.config.quantization_config.plugins == [{"name": "int8", "options": {
+        "skip": ["lm_head"], "outliers": 0.0, "calibration_tokens": 32768, "calibration_seq_len": 512, "method": "rtn"}}]
 
 
 def test_failed_plugin_leaves_model_exactly_as_before():

@@ -30,7 +30,7 @@ def test_save_and_reload_is_bit_identical(saved_model, tmp_path):
     assert config["layer_types"] == [GUARD_MESSAGE]
     assert "model.safetensors" in config["quantization_config"]["checksums"]
     card = (out / "README.md").read_text()
-    assert "int8(skip=[lm_head])" in card and "hf_accel" in card
+    assert "int8(skip=[lm_head], outliers=0.0, calibration_tokens=32768, calibration_seq_len=512, method=rtn)" in card and "hf_accel" in card
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)  # no accel=: the artifact says what it is
     assert hf_accel.get_config(reloaded) == hf_accel.get_config(model)

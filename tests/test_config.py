@@ -26,7 +26,7 @@ def test_all_spellings_normalise_to_one_form():
     assert all(c == configs[0] for c in configs)
     c = configs[0]
     assert c.names == ["int8", "scale_logits"]  # weights before runtime, whatever the spelling order
-    assert c.to_string() == "int8(skip=[lm_head])+scale_logits(factor=3.0, mode=mul)"
+    assert c.to_string() == "int8(skip=[lm_head], outliers=0.0, calibration_tokens=32768, calibration_seq_len=512, method=rtn)+scale_logits(factor=3.0, mode=mul)"
     data = json.loads(json.dumps(c.to_dict()))
     assert AccelConfig.from_dict(data) == c
     assert AccelConfig.from_spec(c.to_string()) == c

@@ -159,8 +159,9 @@ def test_accel_on_pipeline_and_component_loads(base_dir):
                  hf_accel.apply(load(base_dir), "int8")):
         assert linear_types(pipe.unet) == {"Int8Linear"}
         assert type(pipe.unet) is AccelUNet2DModel and isinstance(pipe.unet, UNet2DModel)
-        assert hf_accel.get_config(pipe).to_string() == hf_accel.get_config(pipe.unet).to_string() == "int8(skip=[lm_head])"
-        assert pipe.unet.config._hf_accel["plugins"] == [{"name": "int8", "options": {"skip": ["lm_head"]}}]
+        assert hf_accel.get_config(pipe).to_string() == hf_accel.get_config(pipe.unet).to_string() == "int8(skip=[lm_head], outliers=0.0, calibration_tokens=32768, calibration_seq_len=512, method=rtn)"
+        assert pipe.unet.config._hf_accel["plugins"] == [{"name": "int8", "options": {
+            "skip": ["lm_head"], "outliers": 0.0, "calibration_tokens": 32768, "calibration_seq_len": 512, "method": "rtn"}}]
         out = images(pipe)
         assert 0 < np.abs(out - float_images).max() < 0.05  # int8 per channel: a small, real difference
 
@@ -208,7 +209,7 @@ def test_save_and_reload_is_bit_identical(artifact, tmp_path):
     assert set(config["_hf_accel"]["checksums"]) == {"diffusion_pytorch_model.safetensors"}
     assert not (path / "unet" / "README.md").exists()  # one card, at the pipeline root
     card = ModelCard.load(path / "README.md")
-    assert card.data.library_name == "diffusers" and card.data.hf_accel["spec"] == "int8(skip=[lm_head])"
+    assert card.data.library_name == "diffusers" and card.data.hf_accel["spec"] == "int8(skip=[lm_head], outliers=0.0, calibration_tokens=32768, calibration_seq_len=512, method=rtn)"
     assert "DiffusionPipeline.from_pretrained" in card.text and "unet/diffusion_pytorch_model.safetensors" in card.text
 
     pipe = load(path)  # no accel=: the artifact says what it is
@@ -240,7 +241,7 @@ def test_sharded_variant_and_dtype(artifact, tmp_path):
     reloaded = load(tmp_path / "v", variant="fp16", dtype=torch.bfloat16)
     assert state_hash(reloaded.unet) == state_hash(pipe.unet)
     card = hf_accel.render_card(None, tmp_path / "v")  # `hf-accel card DIR`: from the folder alone
-    assert card.data.hf_accel["spec"] == "int8(skip=[lm_head])" and "unet/" + sorted(checksums)[0] in card.text
+    assert card.data.hf_accel["spec"] == "int8(skip=[lm_head], outliers=0.0, calibration_tokens=32768, calibration_seq_len=512, method=rtn)" and "unet/" + sorted(checksums)[0] in card.text
 
 
 def test_runtime_plugins_reload_and_remove(tmp_path):

@@ -26,7 +26,7 @@ def test_push_to_hub_then_from_pretrained_repo_id(hub):
     model.push_to_hub("user/tiny-int8")
 
     card = ModelCard.load("user/tiny-int8")  # our card, not transformers' generic one
-    assert card.data.hf_accel["spec"] == "int8(skip=[lm_head])"
+    assert card.data.hf_accel["spec"] == "int8(skip=[lm_head], outliers=0.0, calibration_tokens=32768, calibration_seq_len=512, method=rtn)"
     assert card.data.hf_accel["metrics"][0]["metric"] == "weight_bytes"
     assert "hf_accel" in card.data.tags
 
