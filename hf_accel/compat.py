@@ -6,23 +6,24 @@ through these helpers so that it speaks whichever name the installed release use
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 CACHE_NAMES = ("cache", "past_key_values")  # new name first
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_takes_cache(cls: type) -> bool:
-    try:
-        return "cache" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
+_CACHE_KWARG: dict[type, str] = {}  # a plain dict, not lru_cache: torch.compile traces through this function
 
 
 def cache_kwarg(model) -> str:
     """The keyword under which `model.forward` / `model.generate` take the KV cache."""
-    return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
+    cls = type(model)
+    if cls not in _CACHE_KWARG:
+        try:
+            takes_cache = "cache" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            takes_cache = False
+        _CACHE_KWARG[cls] = "cache" if takes_cache else "past_key_values"
+    return _CACHE_KWARG[cls]
 
 
 def get_cache(kwargs: dict):

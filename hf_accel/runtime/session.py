@@ -141,6 +141,7 @@ class Runtime:
         self.window, self.mixed_window = self._window(config)
         self.placement = None
         self.sessions: dict[tuple[int, int], Session] = {}
+        cache_kwarg(model)  # resolved here, outside the compiled step
         self._follow_model()
 
     def _follow_model(self) -> None:
@@ -209,7 +210,7 @@ class Runtime:
     def session(self, batch: int, capacity: int) -> "Session":
         key = (bucket_batch(batch), capacity)
         if key[0] * key[1] > self.pool.tokens:  # the pool must move: every graph points at the old storage
-            self.sessions = {}  # first, so that the old storage is free before the new one is taken
+            self._drop_graphs()  # first, so that the old storage is free before the new one is taken
             self.pool.ensure(*key)
             self.stats["pool_moves"] += 1
         if key not in self.sessions:
@@ -228,9 +229,17 @@ class Runtime:
         session.state.positions.add_(1)
         return session, logits[:n]
 
+    def _drop_graphs(self) -> None:
+        """Forget every session and its graphs. Later captures go to a new private memory pool: capturing into a
+        pool whose graphs are gone while some of its blocks are still alive trips the caching allocator
+        (`use_count > 0` assert, seen on the H200 with torch 2.11 when a longer prompt moved the KV pool)."""
+        self.sessions = {}
+        if self.use_graphs:
+            self._mempool = torch.cuda.graph_pool_handle()
+
     def release(self) -> None:
         """Drop graphs, sessions and the KV pool (the next call captures again)."""
-        self.sessions = {}
+        self._drop_graphs()
         self.pool.k, self.pool.v, self.pool.tokens = [], [], 0
 
 
