@@ -3,7 +3,7 @@
     python scripts/quality_kv.py --model $R/base --out $OUT/quality_kv.json --device cuda     # <= 60 s on an H200
     python scripts/quality_kv.py --model hf_accel/quality/assets/tiny --out /tmp/q.json --device cpu --smoke
 
-For every plugin (sink, h2o, snapkv, duo, quest; kvquant int8/int4 and h2o+kvquant once) at KV budgets 1/2 .. 1/16
+For every plugin (sink, h2o, snapkv, adakv, duo, quest; kvquant int8/int4 and h2o+kvquant once) at KV budgets 1/2 .. 1/16
 of the context (`ctx` = the model's maximum, 4096 on `base`), per spec:
 
 - needle recall (`hf_accel.quality.needle_recall`, prompts filling the context) and its ratio to the full cache;
@@ -16,7 +16,7 @@ of the context (`ctx` = the model's maximum, 4096 on `base`), per spec:
 - the multi-turn check (`hf_accel.quality.multi_turn_recall`: a second question over the returned cache) at 1/8;
 - KV bytes held after the perplexity run, relative to the full bf16/fp32 cache of the same tokens.
 
-Budgets: sink(window=b-4, sinks=4), h2o(budget=b), snapkv(budget=b), quest(budget=b) (tokens read per step; the
+Budgets: sink(window=b-4, sinks=4), h2o(budget=b), snapkv(budget=b), adakv(budget=b) (mean per KV head), quest(budget=b) (tokens read per step; the
 cache itself stays full), duo with the retrieval-head share r chosen so its memory matches b:
 r = (b - sinks - window) / (ctx - sinks - window), the head split calibrated once per r with `calibrate_duo` on
 needle-format text from the training split. Specs run 1/8 first, then 1/16, 1/4, 1/2, so a time limit drops the
@@ -58,7 +58,7 @@ for _module in ("hf_accel.quality.needle", "hf_accel.quality.agreement"):
     sys.modules[_module].token_stream = _cached_stream
 
 FRACTIONS = {"1/8": 8, "1/16": 16, "1/4": 4, "1/2": 2}  # run order
-PLUGINS = ("sink", "h2o", "snapkv", "duo", "quest")
+PLUGINS = ("sink", "h2o", "snapkv", "adakv", "duo", "quest")
 DUO_SINKS, DUO_WINDOW = 64, 192
 
 
@@ -75,6 +75,7 @@ def plan(ctx: int, fractions: list[str], plugins: list[str], sinks: int, window:
             "sink": f"sink(window={b - 4}, sinks=4)",
             "h2o": f"h2o(budget={b})",
             "snapkv": f"snapkv(budget={b}, window={min(32, b // 2)})",
+            "adakv": f"adakv(budget={b}, window={min(32, b // 2)})",  # mean per KV head
             "duo": f"duo(heads='{{heads}}', ratio={duo_ratio(ctx, b, sinks, window):.4f}, sinks={sinks}, window={window})",
             "quest": f"quest(budget={b}, page=16)",
         }
