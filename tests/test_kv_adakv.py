@@ -140,3 +140,21 @@ def test_gpu_bf16_generous_equals_full():
     hf_accel.apply(model, "adakv(budget=64, window=16)")
     out = greedy(model, ids, new=16)
     assert all(layer.compressions == 1 for layer in out.past_key_values.layers)
+
+
+def test_composes_with_int4_and_fast():
+    ids = sample_ids(1, 40)
+    model = build("llama")
+    hf_accel.apply(model, "int4")
+    ref = greedy(model, ids).sequences
+    model = build("llama")
+    hf_accel.apply(model, "int4+adakv(budget=64, window=4)")
+    assert torch.equal(greedy(model, ids).sequences, ref)
+    model = build("llama")
+    hf_accel.apply(model, "adakv(budget=12, window=4)")
+    alone = greedy(model, ids).sequences
+    hf_accel.remove(model)
+    hf_accel.apply(model, "fast+adakv(budget=12, window=4)")
+    with pytest.warns(UserWarning, match="fast"):
+        both = greedy(model, ids)
+    assert isinstance(both.past_key_values, KVCache) and torch.equal(both.sequences, alone)
