@@ -205,26 +205,10 @@ def kvpress_row(ctx, batch):
 
 
 def copy_bandwidth() -> dict:
-    """Copy bandwidth (read + write) of a 2 GiB bf16 copy, median of 10 (CUDA events)."""
-    import statistics
+    """Copy bandwidth (read + write) of a 2 GiB device copy, in GB/s."""
+    from hf_accel.runtime.bench import copy_bandwidth as measure
 
-    n = 2**30
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    ts = []
-    for _ in range(10):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    ms = statistics.median(ts)
-    del a, b
-    torch.cuda.empty_cache()
-    return {"copy_ms": round(ms, 4), "copy_gbps": round(2 * 2 * n / ms / 1e6, 1)}
+    return {"copy_gbps": round(measure("cuda", nbytes=1 << 31) / 1e9, 1)}
 
 
 def kernel_rows(device, contexts=(32768,), batches=(1, 8), fractions=("1/8", "1/16", "1"), copy_gbps=None):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import hf_accel
 from hf_accel.kernels import lossless as KL
 from hf_accel.kernels._base import LaunchConfig, device_key
+from hf_accel.runtime.bench import graph_ms
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
@@ -159,41 +160,6 @@ def linears(model):
 
 
 # -- timing --------------------------------------------------------------------------------------------------------
-def graph_ms(fns, dev: str, replays: int = 15) -> float:
-    """Median ms of one run of every fn: one CUDA graph replayed on CUDA, a plain loop elsewhere."""
-    if dev != "cuda":
-        t = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for f in fns:
-                f()
-            t.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(t)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del g
-    return statistics.median(times)
-
-
 def copy_bandwidth(dev: str) -> float:
     if dev != "cuda":
         return float("nan")
@@ -291,7 +257,7 @@ def shape_rows(layers, dev: str, m: int, copy_bw: float, tune: bool, quick: bool
         ll_bytes = sum(t.numel() * t.element_size() for t in group[0]["parts"])
 
         def bf16():
-            ms = graph_ms([lambda L=L: F.linear(xs, L["w"]) for L in group], dev)
+            ms = graph_ms([lambda L=L: F.linear(xs, L["w"]) for L in group])
             us = 1e3 * ms / len(group)
             return {"us": us, "gb_s": bf16_bytes / us / 1e3, "pct_copy": 100 * bf16_bytes / us / 1e3 / (copy_bw / 1e9)}
 
@@ -306,7 +272,7 @@ def shape_rows(layers, dev: str, m: int, copy_bw: float, tune: bool, quick: bool
                      (gemv_candidates(quick) if kind == "gemv" else dot_candidates(quick)))
             for cfg in cands:
                 def run(kind=kind, cfg=cfg):
-                    ms = graph_ms([lambda L=L: ll_call(kind, xs, L["parts"], cfg) for L in group], dev)
+                    ms = graph_ms([lambda L=L: ll_call(kind, xs, L["parts"], cfg) for L in group])
                     us = 1e3 * ms / len(group)
                     return {"us": us, "gb_s": ll_bytes / us / 1e3,
                             "pct_copy": 100 * ll_bytes / us / 1e3 / (copy_bw / 1e9)}
@@ -339,8 +305,8 @@ def model_pass(layers, dev: str, m: int, copy_bw: float) -> dict:
     xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in {L["k"] for L in layers}}
     bf16_bytes = sum(2 * L["n"] * L["k"] for L in layers)
     ll_bytes = sum(layer_bytes(L) for L in layers)
-    t_bf16 = graph_ms([lambda L=L: F.linear(xs[L["k"]], L["w"]) for L in layers], dev, replays=10)
-    t_ll = graph_ms([lambda L=L: ll_layer(xs[L["k"]], L) for L in layers], dev, replays=10)
+    t_bf16 = graph_ms([lambda L=L: F.linear(xs[L["k"]], L["w"]) for L in layers], replays=10)
+    t_ll = graph_ms([lambda L=L: ll_layer(xs[L["k"]], L) for L in layers], replays=10)
     gbps = lambda b, ms: b / ms / 1e6
     return {"bf16_ms": t_bf16, "lossless_ms": t_ll, "speedup": t_bf16 / t_ll,
             "bf16_gb": bf16_bytes / 1e9, "lossless_gb": ll_bytes / 1e9,

@@ -41,6 +41,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from hf_accel.runtime.bench import copy_bandwidth as shared_copy_bandwidth
+from hf_accel.runtime.bench import graph_ms
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FULL = dict(hidden=4096, mlp=14336, layers=32, vocab=128256, kv=1024, heads=32, kv_heads=8)
 SMOKE = dict(hidden=128, mlp=256, layers=2, vocab=512, kv=32, heads=4, kv_heads=1)  # CPU dry run (interpreter)
@@ -145,64 +148,9 @@ class QW:
 # -------------------------------------------------------------------------------------------------------------
 # timing
 # -------------------------------------------------------------------------------------------------------------
-def graph_ms(fns, replays: int = 15) -> float:
-    """Median ms of one replay of a CUDA graph that runs every fn once (CPU: wall time of one eager pass)."""
-    if not torch.cuda.is_available():
-        for f in fns:
-            f()
-        ts = []
-        for _ in range(1):
-            t = time.perf_counter()
-            for f in fns:
-                f()
-            ts.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(ts)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del g
-    return statistics.median(times)
-
-
 def copy_bandwidth(dev) -> dict:
-    if not is_cuda(dev):
-        return {"copy_ms": float("nan"), "copy_gbps": float("nan")}
-    n = 2**30  # 2 GiB of bf16
-    a = torch.randn(n, device=dev, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(10):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    ms = statistics.median(ts)
-    del a, b
-    torch.cuda.empty_cache()
-    return {"copy_ms": ms, "copy_gbps": 2 * 2 * n / ms / 1e6}
+    """Copy bandwidth (read + write) of a 2 GiB device copy in GB/s (NaN off CUDA)."""
+    return {"copy_gbps": shared_copy_bandwidth(dev, nbytes=1 << 31) / 1e9}
 
 
 def per_call_us(qws, xs, kind, cfg) -> float:
