@@ -32,7 +32,7 @@ import torch
 from hf_accel.errors import OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
 
-from .decode import DraftLength, LookupDrafter, ModelDrafter, RecycleDrafter
+from .decode import DraftLength, LookupDrafter, ModelDrafter, RecycleDrafter, speculative_generate
 from .generate import STATS_ATTR, wrap_generate
 
 __all__ = ["DraftModel", "Lookup", "Recycle", "SelfDraft"]
@@ -66,9 +66,13 @@ class _Speculative(Plugin):
         make_drafter, draft_cost = self.make_drafter(model)
         stats: dict = {}
         length = DraftLength(self.k, self.adaptive, draft_cost)
+
+        def decode(model, input_ids, attention_mask, **planned):
+            return speculative_generate(model, make_drafter, input_ids, attention_mask, length=length, stats=stats,
+                                        **planned)
+
         patcher.set_attr(model, STATS_ATTR, stats)
-        patcher.set_attr(model, "generate", wrap_generate(model, model.generate, self.name, make_drafter, length,
-                                                          stats))
+        patcher.set_attr(model, "generate", wrap_generate(model.generate, self.name, decode, stats))
 
     def card_metadata(self, model):
         return {"speculative": self.name, "draft_length": self.k, "adaptive_draft_length": self.adaptive}

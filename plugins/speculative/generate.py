@@ -20,8 +20,9 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from hf_accel.compat import get_cache
+from hf_accel.errors import OptionError
 
-from .decode import DraftLength, Sampler, speculative_generate
+from .decode import Sampler
 
 STATS_ATTR = "hf_accel_spec_stats"
 # generate() arguments that choose another decoding path; such calls go to the wrapped generate untouched
@@ -87,8 +88,13 @@ def hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_co
                   generation_config=generation_config, synced_gpus=False, **extra, **model_kwargs)
 
 
-def wrap_generate(model, original, name: str, make_drafter, length: DraftLength, stats: dict):
-    """The `generate` installed on the instance. `make_drafter(batch, sampler)` builds the round's drafter."""
+def wrap_generate(original, name: str, decode, stats: dict, *, batch_one: bool = False, greedy_only: bool = False):
+    """The `generate` installed on the instance; every speculative plugin (drafters and medusa) shares it.
+
+    `decode(model, input_ids, attention_mask, *, sampler, max_new_tokens, eos_ids, pad_id, streamer)` is the
+    plugin's own loop, called when `plan` accepts the call. `batch_one` raises on batches instead of decoding them;
+    `greedy_only` sends sampling to transformers' loop like any other call the plugin cannot serve exactly.
+    """
     warned: set[str] = set()
 
     def warn_once(reason: str) -> None:
@@ -106,7 +112,13 @@ def wrap_generate(model, original, name: str, make_drafter, length: DraftLength,
 
         def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
             model_kwargs.pop("synced_gpus", None)
+            if batch_one and input_ids.shape[0] != 1:
+                raise OptionError(f"plugin {name!r} decodes one sequence at a time; got a batch of "
+                                  f"{input_ids.shape[0]} (accepted: batch size 1, or another speculative plugin such "
+                                  "as lookup/recycle/draft for batches)")
             decided = plan(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+            if greedy_only and not isinstance(decided, str) and not decided[0].greedy:
+                decided = f"sampling ({name} verifies greedy decoding only)"
             if isinstance(decided, str):
                 warn_once(decided)
                 stats.clear()
@@ -117,12 +129,10 @@ def wrap_generate(model, original, name: str, make_drafter, length: DraftLength,
             pad = generation_config._pad_token_tensor
             stats.clear()
             stats.update(method=name, batch=input_ids.shape[0], sampling=not sampler.greedy)
-            return speculative_generate(
-                model, make_drafter, input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new,
-                sampler=sampler, eos_ids=eos, pad_id=int(pad) if pad is not None else 0, length=length,
-                stats=stats, streamer=streamer)
+            return decode(model, input_ids, model_kwargs.get("attention_mask"), sampler=sampler,
+                          max_new_tokens=max_new, eos_ids=eos, pad_id=int(pad) if pad is not None else 0,
+                          streamer=streamer)
 
         return original(*args, custom_generate=loop, **kwargs)
 
     return generate
-

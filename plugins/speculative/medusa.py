@@ -20,9 +20,7 @@ and other modes run transformers' own loop with a warning.
 
 from __future__ import annotations
 
-import functools
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from torch import nn
 from hf_accel.errors import ArtifactError, OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
 
-from .generate import PASS_THROUGH, STATS_ATTR, hf_loop, plan
+from .generate import STATS_ATTR, wrap_generate
 
 __all__ = ["Medusa", "MedusaHeads", "build_tree", "load_heads", "push_heads", "save_heads", "train_medusa"]
 
@@ -324,52 +322,6 @@ def medusa_generate(model, heads: MedusaHeads, tree: Tree, input_ids, max_new_to
     return torch.cat([input_ids, torch.tensor([out], dtype=input_ids.dtype, device=device)], dim=1)
 
 
-def wrap_generate(model, original, heads, tree, stats: dict):
-    warned: set[str] = set()
-
-    def warn_once(reason: str) -> None:
-        if reason not in warned:
-            warned.add(reason)
-            warnings.warn(f"hf_accel medusa: {reason}; this call runs without speculative decoding", stacklevel=3)
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        passing = [k for k in PASS_THROUGH if kwargs.get(k) is not None]
-        if passing:
-            warn_once(f"generate({passing[0]}=...) chooses its own decoding")
-            return original(*args, **kwargs)
-        streamer = kwargs.get("streamer")
-
-        def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
-            model_kwargs.pop("synced_gpus", None)
-            mask = model_kwargs.get("attention_mask")
-            if input_ids.shape[0] != 1:
-                raise OptionError(f"plugin 'medusa' decodes one sequence at a time; got a batch of "
-                                  f"{input_ids.shape[0]} (accepted: batch size 1, or another speculative plugin such "
-                                  "as lookup/recycle/draft for batches)")
-            decided = plan(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
-            if isinstance(decided, str) or not decided[0].greedy:
-                reason = decided if isinstance(decided, str) else "sampling (medusa verifies greedy decoding only)"
-                warn_once(reason)
-                stats.clear()
-                stats.update(method="medusa", fallback=reason)
-                return hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
-                               model_kwargs)
-            _, max_new, eos = decided
-            if mask is not None and not bool(mask.bool().all()):
-                keep = mask[0].bool()
-                input_ids = input_ids[:, keep]
-            if heads.blocks[0].weight.device != input_ids.device:
-                heads.to(input_ids.device)
-            stats.clear()
-            stats.update(method="medusa", batch=1, sampling=False)
-            return medusa_generate(model, heads, tree, input_ids, max_new, eos, stats, streamer)
-
-        return original(*args, custom_generate=loop, **kwargs)
-
-    return generate
-
-
 # ------------------------------------------------------------------------------------------------------ plugin
 @dataclass
 class Medusa(Plugin):
@@ -404,8 +356,17 @@ class Medusa(Plugin):
         device = next(model.parameters()).device
         heads.to(device=device, dtype=_compute_dtype(model))
         stats: dict = {}
+
+        def decode(model, input_ids, attention_mask, *, max_new_tokens, eos_ids, streamer, **_):
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                input_ids = input_ids[:, attention_mask[0].bool()]  # batch size 1: padding is just dropped
+            if heads.blocks[0].weight.device != input_ids.device:
+                heads.to(input_ids.device)
+            return medusa_generate(model, heads, tree, input_ids, max_new_tokens, eos_ids, stats, streamer)
+
         patcher.set_attr(model, STATS_ATTR, stats)
-        patcher.set_attr(model, "generate", wrap_generate(model, model.generate, heads, tree, stats))
+        patcher.set_attr(model, "generate", wrap_generate(model.generate, self.name, decode, stats, batch_one=True,
+                                                          greedy_only=True))
 
     def card_metadata(self, model):
         return {"speculative": "medusa", "medusa_heads": self.heads, "medusa_tree": self.tree}
