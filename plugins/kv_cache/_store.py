@@ -1,5 +1,6 @@
-"""Storage shared by the layers that compute their own attention (quest, duo): a growable K/V buffer written in
-place, the pad-aware positions of a step's new tokens, and grouped-query attention with a per-head boolean mask.
+"""Storage shared by the layers that compute their own attention (quest, duo, adakv): a growable K/V buffer written
+in place, the pad-aware positions of a step's new tokens, grouped-query attention with a per-head boolean mask, and
+the cache-layer bookkeeping (`OwnLayer`; `BufferedLayer` for the layers that keep their K/V in a `GrowBuffer`).
 
 `GrowBuffer` keeps [B, H, capacity, D] and writes each step's tokens into the next slots: a decode step costs one
 small copy, not the full-cache `torch.cat` of transformers' DynamicLayer (which reads and writes the whole cache
@@ -89,6 +90,13 @@ class OwnLayer(DynamicLayer):
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.seen
 
+    def get_mask_sizes(self, query_length, *args, **kwargs):
+        if isinstance(query_length, torch.Tensor):  # older transformers passed cache_position
+            query_length = query_length.shape[0]
+        # every position seen: the layers keep every slot (quest, duo's retrieval heads) or mask from their own
+        # positions (duo's streaming heads, adakv)
+        return self.seen + query_length, 0
+
     def get_max_length(self) -> int:
         return -1
 
@@ -97,3 +105,47 @@ class OwnLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
+
+
+class BufferedLayer(OwnLayer):
+    """An OwnLayer whose full-length K/V lives in a GrowBuffer (all heads for quest, the retrieval heads for duo),
+    next to per-row tensors (batch first) named by `row_state`. Those follow the buffer through reset, beam
+    reordering and batch expansion, and count in `nbytes`, so a subclass only declares them."""
+
+    row_state: tuple[str, ...] = ()
+
+    def __init__(self, cache, layer_idx: int, align: int = 128):
+        super().__init__(cache, layer_idx)
+        self.align = align
+        self.buf = GrowBuffer(align)
+        for name in self.row_state:
+            setattr(self, name, None)
+
+    def stored(self) -> int:
+        return self.buf.n
+
+    def _row_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (getattr(self, name) for name in self.row_state) if t is not None]
+
+    def nbytes(self) -> int:
+        return self.buf.nbytes() + sum(t.nbytes for t in self._row_tensors())
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.buf = 0, GrowBuffer(self.align)
+        for name in self.row_state:
+            setattr(self, name, None)
+
+    def _per_row(self, fn) -> None:
+        self.buf.index_batch(fn)
+        for name in self.row_state:
+            setattr(self, name, fn(getattr(self, name)))
+        self.keys, self.values = self.buf.view()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._per_row(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._per_row(lambda t: t.repeat_interleave(repeats, dim=0))

@@ -78,11 +78,6 @@ class AdaKVLayer(OwnLayer):
         self.q_pos = None  # this step's absolute positions [q]
         self.compressions = 0
 
-    def get_mask_sizes(self, query_length, *args, **kwargs):
-        if isinstance(query_length, torch.Tensor):
-            query_length = query_length.shape[0]
-        return self.seen + query_length, 0  # the mask is not used: attend() builds per-head masks from positions
-
     def stored(self) -> int:
         return max((p.shape[1] for p in self.hpos), default=0)
 

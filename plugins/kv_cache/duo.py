@@ -34,7 +34,7 @@ from hf_accel.errors import AccelError, OptionError
 
 from ._generate import KV_PLUGINS, KVPlugin
 from ._layers import SELF_ATTEND
-from ._store import GrowBuffer, OwnLayer, grouped_attention, step_positions
+from ._store import BufferedLayer, grouped_attention, step_positions
 
 
 def parse_heads(heads: str) -> list[list[bool]]:
@@ -45,25 +45,17 @@ def format_heads(mask: list[list[bool]]) -> str:
     return ".".join("".join("1" if r else "0" for r in layer) for layer in mask)
 
 
-class DuoLayer(OwnLayer):
+class DuoLayer(BufferedLayer):
+    # self.buf holds the retrieval heads; sk/sv: streaming heads [B, H_s, n_s, D], spos: their positions [B, n_s]
+    row_state = ("sk", "sv", "spos")
+
     def __init__(self, cache, layer_idx: int, policy: "DuoPolicy"):
         super().__init__(cache, layer_idx)
         self.policy = policy
         split = parse_heads(policy.heads)[layer_idx]
         self.r_heads = [h for h, r in enumerate(split) if r]
         self.s_heads = [h for h, r in enumerate(split) if not r]
-        self.buf = GrowBuffer()  # retrieval heads
-        self.sk = self.sv = None  # streaming heads [B, H_s, n_s, D]
-        self.spos: torch.Tensor | None = None  # [B, n_s] int32
         self.step = None  # this step's streaming K/V/positions (before eviction) and new positions
-
-    def get_mask_sizes(self, query_length, *args, **kwargs):
-        if isinstance(query_length, torch.Tensor):
-            query_length = query_length.shape[0]
-        return self.seen + query_length, 0  # the mask serves the retrieval heads, which keep every slot
-
-    def stored(self) -> int:
-        return self.buf.n
 
     def stored_streaming(self) -> int:
         return 0 if self.spos is None else self.spos.shape[1]
@@ -127,29 +119,9 @@ class DuoLayer(OwnLayer):
         self.step = None
         return out, None
 
-    # -- bookkeeping -------------------------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        stream = sum(t.nbytes for t in (self.sk, self.sv, self.spos) if t is not None)
-        return self.buf.nbytes() + stream
-
     def reset(self) -> None:
         super().reset()
-        self.seen, self.buf, self.sk, self.sv, self.spos, self.step = 0, GrowBuffer(), None, None, None, None
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        self.buf.index_batch(lambda t: t[indices])
-        self.sk, self.sv, self.spos = self.sk[indices], self.sv[indices], self.spos[indices]
-        self.keys, self.values = self.buf.view()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if not self.is_initialized:
-            return
-        rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
-        self.buf.index_batch(rep)
-        self.sk, self.sv, self.spos = rep(self.sk), rep(self.sv), rep(self.spos)
-        self.keys, self.values = self.buf.view()
+        self.step = None
 
 
 @dataclass

@@ -25,27 +25,18 @@ from hf_accel.errors import OptionError
 
 from ._generate import KV_PLUGINS, KVPlugin
 from ._layers import SELF_ATTEND
-from ._store import GrowBuffer, OwnLayer, grouped_attention, step_positions
+from ._store import BufferedLayer, grouped_attention, step_positions
 
 
-class QuestLayer(OwnLayer):
+class QuestLayer(BufferedLayer):
+    # real: [B, capacity] bool, slot holds a real token; kmin/kmax: [B, H, pages, D] page summaries
+    row_state = ("real", "kmin", "kmax")
+
     def __init__(self, cache, layer_idx: int, policy: "QuestPolicy"):
-        super().__init__(cache, layer_idx)
+        super().__init__(cache, layer_idx, align=policy.page * math.ceil(128 / policy.page))  # whole pages
         self.policy = policy
         self.page = policy.page
-        self.buf = GrowBuffer(align=policy.page * math.ceil(128 / policy.page))
-        self.real: torch.Tensor | None = None  # [B, capacity] bool: slot holds a real token
-        self.kmin: torch.Tensor | None = None  # [B, H, pages, D]
-        self.kmax: torch.Tensor | None = None
         self.selections = 0  # decode steps that read a selection (for tests and benchmarks)
-
-    def get_mask_sizes(self, query_length, *args, **kwargs):
-        if isinstance(query_length, torch.Tensor):
-            query_length = query_length.shape[0]
-        return self.seen + query_length, 0
-
-    def stored(self) -> int:
-        return self.buf.n
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -130,33 +121,8 @@ class QuestLayer(OwnLayer):
         visible = ((slots >= 0) & (slots < self.buf.n) & real)[:, :, None, :]  # [B, H, 1, S]
         return grouped_attention(query, ks, vs, visible, scaling), None
 
-    # -- bookkeeping -------------------------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        extra = sum(t.nbytes for t in (self.kmin, self.kmax, self.real) if t is not None)
-        return self.buf.nbytes() + extra
-
     def materialize(self):
         return self.buf.view()
-
-    def reset(self) -> None:
-        super().reset()
-        self.seen, self.real, self.kmin, self.kmax = 0, None, None, None
-        self.buf = GrowBuffer(self.page * math.ceil(128 / self.page))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        self.buf.index_batch(lambda t: t[indices])
-        self.real, self.kmin, self.kmax = self.real[indices], self.kmin[indices], self.kmax[indices]
-        self.keys, self.values = self.buf.view()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if not self.is_initialized:
-            return
-        rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
-        self.buf.index_batch(rep)
-        self.real, self.kmin, self.kmax = rep(self.real), rep(self.kmin), rep(self.kmax)
-        self.keys, self.values = self.buf.view()
 
 
 @dataclass
