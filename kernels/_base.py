@@ -1,4 +1,4 @@
-"""What the quantized-linear kernels share: Triton availability, launch configurations, and the dispatch rule.
+"""What the kernel modules share: Triton availability (`triton_can_run`), launch configurations, and the dispatch rule.
 
 Every quantized linear goes through one `torch.library.custom_op` per format (`hf_accel::int8_linear`,
 `hf_accel::int4_linear`, `hf_accel::fp8_linear`), so torch.compile treats it as one opaque node with a shape-only
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 try:  # triton is optional on the CPU: the references need only torch
-    import triton  # noqa: F401
+    import triton
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
@@ -66,12 +66,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_can_run(x: torch.Tensor) -> bool:
+    """Triton is installed and x is where its kernels run: CUDA, or the CPU under TRITON_INTERPRET=1 (tests only).
+    Every kernel module falls back to its plain-torch reference elsewhere."""
+    return HAS_TRITON and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA for half-precision activations (the kernels' accumulate-in-fp32, round-once contract);
-    under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests only)."""
-    if not HAS_TRITON or x.dtype not in DOT_DTYPES:
-        return False
-    return x.is_cuda or (interpreting() and x.device.type == "cpu")
+    """Triton for half-precision activations (the kernels' accumulate-in-fp32, round-once contract)."""
+    return x.dtype in DOT_DTYPES and triton_can_run(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_tensor_cores(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def fp8_tensor_cores(device: torch.device) -> bool:
+    """The CUDA device multiplies fp8 on tensor cores (Ada / Hopper and newer), i.e. `torch._scaled_mm` runs."""
+    return _fp8_tensor_cores(device.index or 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,6 +142,17 @@ def choose(table: dict, fmt: str, m: int, n: int, k: int, device: torch.device, 
     if m <= DOT_M:
         return "dot", dot_default(m, n, k, sm_count(device))
     return "dequant", None
+
+
+def bgemv_default(m: int, n: int, sms: int, block_k: int) -> LaunchConfig:
+    """Default launch of the "bgemv" kernels (w8, int4, fp4): up to 16 rows of x per program, and split-K doubled
+    (at most 8) until the programs cover two waves of the SMs."""
+    block_m = max(1, min(16, triton.next_power_of_2(m)))
+    block_n = 8 if block_m <= 4 else 4
+    split = 1
+    while -(-n // block_n) * split < 2 * sms and split < 8:
+        split *= 2
+    return LaunchConfig(block_n=block_n, block_k=block_k, block_m=block_m, num_warps=4, split_k=split)
 
 
 def split_plan(k_units: int, step: int, split_k: int) -> tuple[int, int]:

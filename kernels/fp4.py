@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._base import SIBLING, HAS_TRITON, LaunchConfig, device_key, flatten, m_bucket, sm_count, split_plan, splitk_reduce, use_triton
+from ._base import (SIBLING, HAS_TRITON, LaunchConfig, bgemv_default, device_key, flatten, m_bucket, sm_count,
+                    split_plan, splitk_reduce, use_triton)
 from .int4 import pack_int4, padded_k, unpack_int4
 
 FORMATS = {"mxfp4": 32, "nvfp4": 16}  # format -> block size
@@ -236,20 +237,11 @@ TUNED: dict = {}  # (device, "mxfp4" | "nvfp4", m_bucket, N, K) -> {"kernel": "b
 GEMV_MAX_M = 16
 
 
-def _bgemv_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
-    block_m = max(1, min(16, triton.next_power_of_2(m)))
-    block_n = 8 if block_m <= 4 else 4
-    split = 1
-    while -(-n // block_n) * split < 2 * sms and split < 8:
-        split *= 2
-    return LaunchConfig(block_n=block_n, block_k=512, block_m=block_m, num_warps=4, split_k=split)
-
-
 def fp4_bgemv(x2, qweight, scales, global_scale, bias, fmt: str, cfg: LaunchConfig | None = None, out=None):
     m, k = x2.shape
     n, nb = scales.shape
     b = FORMATS[fmt]
-    cfg = cfg or _bgemv_default(m, n, k, sm_count(x2.device))
+    cfg = cfg or bgemv_default(m, n, sm_count(x2.device), block_k=512)
     bkw = max(1, cfg.block_k // 8)
     kw = nb * b // 8
     steps, split = split_plan(kw, bkw, cfg.split_k)

@@ -14,12 +14,11 @@ products accumulated in fp32, both scales applied after the sum.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from ._base import HAS_TRITON, flatten, interpreting
+from ._base import HAS_TRITON, flatten, fp8_tensor_cores, interpreting, triton_can_run
 from .w8 import FP8_MAX, fp8_linear
 
 FP8_MIN_TOKENS = 64
@@ -71,7 +70,7 @@ if HAS_TRITON:
 
 def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton on CUDA (and under TRITON_INTERPRET=1), the reference elsewhere."""
-    if not HAS_TRITON or not (x2.is_cuda or (interpreting() and x2.device.type == "cpu")):
+    if not triton_can_run(x2):
         return quantize_per_token_ref(x2)
     m, k = x2.shape
     # the interpreter's fp32 -> e4m3 cast is wrong (triton 3.x: 124.3 -> 64): there the kernel writes the scaled
@@ -84,16 +83,11 @@ def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq.to(torch.float8_e4m3fn), xs
 
 
-@functools.lru_cache(maxsize=None)
-def _fp8_tensor_cores(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 9)
-
-
 def scaled_mm_ok(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     if not x2.is_cuda or x2.dtype != torch.bfloat16 or not hasattr(torch, "_scaled_mm"):
         return False
     n, k = weight.shape
-    return k % 16 == 0 and n % 16 == 0 and _fp8_tensor_cores(x2.device.index if x2.device.index is not None else 0)
+    return k % 16 == 0 and n % 16 == 0 and fp8_tensor_cores(x2.device)
 
 
 def w8a8_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

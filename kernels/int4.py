@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._base import (HAS_TRITON, LaunchConfig, choose, dot, flatten, interpreting, sm_count, split_plan, splitk_reduce,
-                    use_triton)
+from ._base import (HAS_TRITON, LaunchConfig, bgemv_default, choose, dot, flatten, interpreting, sm_count, split_plan,
+                    splitk_reduce, use_triton)
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -328,24 +328,12 @@ def int4_gemv(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConf
     return y
 
 
-def _bgemv_default(group_size: int):
-    def default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
-        block_m = max(1, min(16, triton.next_power_of_2(m)))
-        block_n = 8 if block_m <= 4 else 4
-        split = 1
-        while -(-n // block_n) * split < 2 * sms and split < 8:
-            split *= 2
-        return LaunchConfig(block_n=block_n, block_k=512, block_m=block_m, num_warps=4, split_k=split)
-
-    return default
-
-
 def int4_bgemv(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConfig | None = None, out=None):
     """The v3 kernel: block_m rows of x per program (decode batches 1..16), optional split-K. cfg.block_k is in
     weights (block_k / 8 words per step; any multiple of 8, independent of the group)."""
     m, k = x2.shape
     n, ng = scales.shape
-    cfg = cfg or _bgemv_default(group_size)(m, n, k, sm_count(x2.device))
+    cfg = cfg or bgemv_default(m, n, sm_count(x2.device), block_k=512)
     bkw = max(1, cfg.block_k // 8)
     kw = ng * group_size // 8
     steps, split = split_plan(kw, bkw, cfg.split_k)

@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._base import HAS_TRITON, LaunchConfig, dot, flatten, interpreting, sm_count
+from ._base import HAS_TRITON, LaunchConfig, dot, flatten, interpreting, sm_count, triton_can_run
 
 WINDOW = 16
 MAX_BASE = 254 - WINDOW + 1  # base + 15 <= 254: inf/nan (255) are escapes; base >= 1: zeros/subnormals too
@@ -440,9 +440,7 @@ def choose(m: int, n: int, k: int, device: torch.device) -> tuple[str, LaunchCon
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    if not HAS_TRITON or x.dtype != torch.bfloat16:
-        return False
-    return x.is_cuda or (interpreting() and x.device.type == "cpu")
+    return x.dtype == torch.bfloat16 and triton_can_run(x)  # the format stores bf16 weights only
 
 
 def lossless_linear_triton(x, sm, code, base, ptr, col, val, bias, exact: bool = False) -> torch.Tensor:
@@ -497,6 +495,6 @@ lossless_linear.register_autograd(_backward, setup_context=_setup)
 
 def lossless_decode(sm, code, base, ptr, col, val) -> torch.Tensor:
     """The bf16 weight: the Triton decode kernel on CUDA, the torch reference elsewhere."""
-    if HAS_TRITON and (sm.is_cuda or (interpreting() and sm.device.type == "cpu")):
+    if triton_can_run(sm):
         return ll_decode(sm, code, base, ptr, col, val)
     return decode_ref(sm, code, base, ptr, col, val)

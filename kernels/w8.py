@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._base import (HAS_TRITON, LaunchConfig, choose, dot, flatten, interpreting, sm_count, split_plan, splitk_reduce,
-                    use_triton)
+from ._base import (HAS_TRITON, LaunchConfig, bgemv_default, choose, dot, flatten, interpreting, sm_count, split_plan,
+                    splitk_reduce, use_triton)
 
 INT8, FP8 = "int8", "fp8"
 FP8_MAX = 448.0
@@ -236,21 +236,12 @@ def w8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: O
     return y
 
 
-def _bgemv_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
-    block_m = max(1, min(16, triton.next_power_of_2(m)))
-    block_n = 8 if block_m <= 4 else 4
-    split = 1
-    while -(-n // block_n) * split < 2 * sms and split < 8:
-        split *= 2
-    return LaunchConfig(block_n=block_n, block_k=256, block_m=block_m, num_warps=4, split_k=split)
-
-
 def w8_bgemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], fmt: str,
              cfg: LaunchConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """block_m rows of x per program from registers (decode batches 1..16), optional split-K."""
     m, k = x2.shape
     n = weight.shape[0]
-    cfg = cfg or _bgemv_default(m, n, k, sm_count(x2.device))
+    cfg = cfg or bgemv_default(m, n, sm_count(x2.device), block_k=256)
     cvt = DEFAULT_CVT[fmt] if cfg.cvt is None else cfg.cvt
     steps, split = split_plan(k, cfg.block_k, cfg.split_k)
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype) if out is None else out

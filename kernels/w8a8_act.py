@@ -15,12 +15,11 @@ int8 and the int8 epilogue used by plugins/quantization/w8a8_diffusion.py.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from ._base import HAS_TRITON, interpreting
+from ._base import HAS_TRITON, fp8_tensor_cores, interpreting, triton_can_run
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
 CODE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -93,13 +92,9 @@ if HAS_TRITON:
         tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _triton_ok(x: torch.Tensor) -> bool:
-    return HAS_TRITON and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
-
-
 def quantize_tokens(x2: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (codes [M, K], scale [M, 1] fp32): Triton on CUDA (and under TRITON_INTERPRET=1)."""
-    if not _triton_ok(x2) or x2.stride(-1) != 1:
+    if not triton_can_run(x2) or x2.stride(-1) != 1:
         return quantize_tokens_ref(x2, fmt)
     m, k = x2.shape
     fp8_in_interpreter = fmt == "fp8" and interpreting()
@@ -115,7 +110,7 @@ def quantize_tokens(x2: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Ten
 def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor],
                   dtype: torch.dtype) -> torch.Tensor:
     """acc [M, N] int32, xs [M, 1] fp32, ws [N] fp32, bias [N] -> [M, N] in `dtype`."""
-    if not _triton_ok(acc) or acc.stride(-1) != 1:
+    if not triton_can_run(acc) or acc.stride(-1) != 1:
         return int8_epilogue_ref(acc, xs, ws, bias, dtype)
     m, n = acc.shape
     y = torch.empty(m, n, device=acc.device, dtype=dtype)
@@ -131,11 +126,6 @@ def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias: O
 # the linear: one opaque op, so torch.compile and CUDA graphs take it whole
 # ---------------------------------------------------------------------------------------------------------------
 INT_MM_MIN_M = 17  # torch._int_mm needs M > 16 (and K, N multiples of 8)
-
-
-@functools.lru_cache(maxsize=None)
-def _fp8_tensor_cores(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 9)  # Ada / Hopper and newer
 
 
 def w8a8_linear_ref(x2: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -159,7 +149,7 @@ def w8a8_linear(x2: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, b
     xq, xs = quantize_tokens(x2.contiguous(), fmt)
     if fmt == "int8" and m >= INT_MM_MIN_M:
         return int8_epilogue(torch._int_mm(xq, weight.t()), xs, w_scale, bias, dtype)
-    if fmt == "fp8" and m >= INT_MM_MIN_M and _fp8_tensor_cores(x2.device.index or 0):
+    if fmt == "fp8" and m >= INT_MM_MIN_M and fp8_tensor_cores(x2.device):
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=w_scale[None, :], out_dtype=torch.bfloat16)
         y = y if bias is None else y + bias.to(y.dtype)
         return y.to(dtype)
