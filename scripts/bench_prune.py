@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from hf_accel.runtime.bench import copy_bandwidth  # noqa: E402 - after the path insert; NaN off CUDA
+
 FULL = dict(hidden=4096, mlp=14336, layers=32, vocab=128256, heads=32, kv_heads=8, head_dim=128)
 SMOKE = dict(hidden=256, mlp=512, layers=2, vocab=1000, heads=4, kv_heads=2, head_dim=64)
 
@@ -85,15 +87,6 @@ def graphed(fn, dev):
     except Exception:
         torch.cuda.synchronize()
         return fn, False
-
-
-def copy_bandwidth(dev) -> float:
-    n = (1 << 30) if dev.type == "cuda" else (1 << 24)
-    a = torch.empty(n, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    ms = bench_ms(lambda: b.copy_(a), dev)
-    del a, b
-    return 2 * n / (ms * 1e-3)  # bytes read + written per second
 
 
 def sparse_bytes(t) -> int:
@@ -174,7 +167,8 @@ def linear_phase(args, dev, dims, bw, rows, deadline):
                         row["ms"] = bench_ms(run, dev) / len(weights)
                     row["tflops"] = 2 * m * n * k / (row["ms"] * 1e-3) / 1e12
                     row["weight_gbps"] = wbytes / (row["ms"] * 1e-3) / 1e9
-                    row["pct_copy_bw"] = 100 * wbytes / (row["ms"] * 1e-3) / bw
+                    if math.isfinite(bw):  # measured on CUDA only
+                        row["pct_copy_bw"] = 100 * wbytes / (row["ms"] * 1e-3) / bw
                     del outs
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -349,7 +343,8 @@ def summarize(rows, bw, dims):
                 s[f"speedup_best_{sh}_m{m}"] = round(lin[(sh, m, "dense")]["ms"] / min(cands), 3)
         if len(best) == len(per_layer) and dense:
             s[f"layer_speedup_best_m{m}"] = round(dense / sum(best[sh] * c for sh, c in per_layer.items()), 3)
-        dpct = [lin[(sh, m, "dense")]["pct_copy_bw"] for sh in per_layer if (sh, m, "dense") in lin]
+        dpct = [lin[(sh, m, "dense")]["pct_copy_bw"] for sh in per_layer
+                if "pct_copy_bw" in lin.get((sh, m, "dense"), {})]
         if dpct:
             s[f"dense_pct_copy_bw_m{m}"] = round(statistics.mean(dpct), 1)
     for key in ("layer_speedup_best_m2048", "layer_speedup_best_m32"):
@@ -377,7 +372,7 @@ def summarize(rows, bw, dims):
                     s[f"{v.replace(':', '')}_decode_b{b}_speedup"] = round(r["tok_s"] / d["tok_s"], 3)
                 if "peak_bytes" in r:
                     s[f"{v.replace(':', '')}_decode_b{b}_peak_gb"] = round(r["peak_bytes"] / 1e9, 2)
-    s["copy_bandwidth_tb_s"] = round(bw / 1e12, 3)
+    s["copy_bandwidth_tb_s"] = round(bw / 1e12, 3) if math.isfinite(bw) else None
     return s
 
 
