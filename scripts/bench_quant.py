@@ -485,7 +485,7 @@ def worker(args) -> None:
             from hf_accel.runtime import get_runtime
 
             rt = get_runtime(model)
-            rt.use_compile, rt._forward = False, None  # as Runtime.uncompile(): eager step inside the CUDA graph
+            rt.use_compile, rt._forward = False, {}  # as Runtime.uncompile(): eager step inside the CUDA graph
             rt.release()
             worker._eager_now = True
         try:

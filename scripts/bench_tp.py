@@ -146,6 +146,8 @@ def run_variant(shape_name, shape, fmt, tp, batches, args, device, dtype, copy_b
                         rt = get_runtime(model)
                         row["runtime_stats"] = dict(rt.stats) if rt is not None else None
                         row["runtime_warnings"] = sorted(rt.warned) if rt is not None else None
+                        # a fallback to transformers' loop measures transformers, not the fast path
+                        row["fast_path_used"] = rt is not None and rt.stats["calls"] > 0 and not rt.stats["fallbacks"]
                 except Exception as e:  # noqa: BLE001
                     row.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
                 rows.append(row)

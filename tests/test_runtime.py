@@ -383,19 +383,72 @@ def test_plugin_options_are_checked():
         hf_accel.apply(build("llama"), "fast(lookahead=-1)")
 
 
+def test_flags_set_to_false_stay_on_the_fast_path():
+    """`synced_gpus=False` (bench_tp passes it under torchrun) once sent every call to transformers' own generate."""
+    ref, fast = pair("llama")
+    ids, mask = padded_batch([5, 9], 0)
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    got = fast.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, synced_gpus=False)
+    assert torch.equal(expected, got)
+    rt = get_runtime(fast)
+    assert rt.stats["calls"] == 1 and rt.stats["fallbacks"] == 0 and not rt.warned
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_matmul_attention_equals_sdpa(kind):
+    """The CUDA decode attention, checked on the CPU against SDPA with both mask kinds it receives (bool: a short
+    left-padded prefill; additive: decode steps). A bool mask once got added as 0/1 (padded prompts of <= 64
+    tokens attended to their pads on the GPU)."""
+    from hf_accel.runtime.attention import as_kind, matmul_attention, prefill_mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, 16, generator=g) for _ in range(3))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :5] = False  # row 1: five pads on the left
+    mask = prefill_mask(valid, None, "fast", torch.float32)
+    mask = as_kind(mask, kind, torch.float32)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(matmul_attention(q, k, v, mask), expected)
+
+
 # --- GPU: CUDA graphs and torch.compile ----------------------------------------------------------------------------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True])
 def test_gpu_graphs_match_transformers(compile):
+    """SDPA decode attention (transformers' own kernel): exact tokens even on random weights, whose logits are
+    nearly tied everywhere."""
     ref = build("llama").cuda()
     fast = copy.deepcopy(ref)
-    hf_accel.apply(fast, f"fast(compile={compile})")
+    hf_accel.apply(fast, f"fast(compile={compile}, decode_attention=sdpa)")
     for seed, lengths in enumerate([[9], [4, 11, 7], [16, 16], [30, 2, 5, 8, 1]]):
         ids, mask = padded_batch(lengths, seed)
         expected, got = both(ref, fast, ids.cuda(), mask.cuda(), max_new_tokens=10)
         assert torch.equal(expected, got)
     assert get_runtime(fast).stats["captures"] >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_default_attention_matches_transformers_on_trained_model(compile):
+    """The default matmul decode attention sums in another order than SDPA, which flips random weights' near-ties;
+    on the trained tiny reference (fp32) the tokens must be transformers' exactly, left-padded batches included."""
+    from hf_accel.quality.agreement import heldout_prompts
+    from hf_accel.quality.reference import load_reference
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref, tok = load_reference("tiny", device="cuda")
+    fast = copy.deepcopy(ref)
+    hf_accel.apply(fast, f"fast(compile={compile})")
+    prompts = heldout_prompts(tok, 24, 48)
+    for lengths in ([48] * 8, [48, 20, 33, 5, 41, 12, 48, 27], [17]):
+        ids = prompts[: len(lengths)].clone()
+        mask = torch.ones_like(ids)
+        for i, n in enumerate(lengths):  # left padding: the first 48 - n tokens of row i become pads
+            ids[i, : 48 - n], mask[i, : 48 - n] = tok.pad_token_id, 0
+        prompts = prompts[len(lengths):]
+        expected, got = both(ref, fast, ids.cuda(), mask.cuda(), max_new_tokens=24, pad_token_id=tok.pad_token_id)
+        assert torch.equal(expected, got), lengths
 
 
 @pytest.mark.gpu

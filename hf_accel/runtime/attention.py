@@ -47,9 +47,11 @@ def fast_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
 
 def matmul_attention(q, key, value, mask, scaling=None):
-    """softmax(q k^T * scale + mask) v for few queries, the softmax in float32 (additive `mask`)."""
+    """softmax(q k^T * scale + mask) v for few queries, the softmax in float32. `mask` is additive (decode steps) or
+    bool, True = attend (a short padded prefill: adding a bool mask would add 0/1 and mask nothing)."""
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + mask
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return torch.matmul(scores.softmax(-1).to(value.dtype), value)
 
 

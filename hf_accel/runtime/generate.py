@@ -41,7 +41,9 @@ def wrap_generate(model, runtime: Runtime, original):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        passing = [k for k in _PASS_THROUGH if kwargs.get(k) is not None and not _empty_list(kwargs[k])]
+        # a flag set to False (`synced_gpus=False`, as a tensor-parallel caller passes) hands nothing over
+        passing = [k for k in _PASS_THROUGH if kwargs.get(k) is not None and kwargs[k] is not False
+                   and not _empty_list(kwargs[k])]
         if passing or runtime.disabled:
             reason = runtime.disabled or f"generate({passing[0]}=...) is not handled by the fast runtime"
             runtime.warn(f"{reason}; this call runs transformers' own generate")

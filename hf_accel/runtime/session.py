@@ -116,6 +116,11 @@ def forward_tokens(model, cache, tokens, positions, slots, prompt_valid, prompt_
     return out.logits
 
 
+def forward_tokens_batched(*args):
+    """The same step for batch > 1, under its own code object so that it is compiled with its own options."""
+    return forward_tokens(*args)
+
+
 class Runtime:
     """Everything the fast path keeps for one model: KV pool, compiled forward, sessions and their graphs."""
 
@@ -124,7 +129,9 @@ class Runtime:
         self.model = model
         self.options = {"compile": compile, "cuda_graphs": cuda_graphs}
         self.decode_attention = decode_attention  # see hf_accel.runtime.attention
-        self.tune = tune  # inductor's coordinate-descent tuning: faster GEMVs, a longer first compile
+        # inductor's coordinate-descent tuning, batch 1 only: it turns the batch-1 matmuls into fast GEMVs (longer first
+        # compile); with a symbolic batch it only slows the compile down (a bs-8 compile outran 260 s on the H200)
+        self.tune = tune
         self.prefill_tokens = prefill_tokens
         self.lookahead = lookahead
         self.stats = collections.Counter()  # captures, pool_moves, calls, fallbacks
@@ -160,7 +167,7 @@ class Runtime:
         self.use_graphs = self.options["cuda_graphs"] and self.cuda
         self.kind = mask_kind(model)
         self.sessions = {}
-        self._forward = None
+        self._forward = {}  # batch == 1 -> step function
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.pool = KVPool(self.config.num_hidden_layers, self.kv_heads, self.head_dim, self.dtype, self.device)
 
@@ -188,17 +195,21 @@ class Runtime:
 
     # --- forward, compiled on CUDA ---------------------------------------------------------------------------------
 
-    def forward_fn(self):
-        if self._forward is None:
-            self._forward = forward_tokens
+    def forward_fn(self, batch: int):
+        """The step function for a batch bucket: compiled on CUDA (batch 1 and batch > 1 each compile once)."""
+        single = batch == 1
+        if single not in self._forward:
             if self.use_compile:
-                self._forward = torch.compile(forward_tokens, options={"coordinate_descent_tuning": self.tune})
-        return self._forward
+                fn = forward_tokens if single else forward_tokens_batched
+                self._forward[single] = torch.compile(fn, options={"coordinate_descent_tuning": self.tune and single})
+            else:
+                self._forward[single] = forward_tokens
+        return self._forward[single]
 
     def uncompile(self, error: BaseException) -> None:
         self.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); the decode step runs eagerly "
                   "inside its CUDA graph")
-        self.use_compile, self._forward = False, forward_tokens
+        self.use_compile, self._forward = False, {}
 
     def warn(self, message: str) -> None:
         if message not in self.warned:
@@ -323,7 +334,7 @@ class Session:
 
     def _decode_step(self, key: StepKey) -> None:
         rt, st = self.rt, self.state
-        logits = rt.forward_fn()(rt.model, self.cache, st.tokens, st.positions, st.slot, st.prompt_valid,
+        logits = rt.forward_fn(self.batch)(rt.model, self.cache, st.tokens, st.positions, st.slot, st.prompt_valid,
                                  st.prompt_len, rt.window, rt.kind, rt.dtype)
         sample_and_record(logits[:, -1].float(), st, key)
 
@@ -399,7 +410,7 @@ class Session:
         def step():
             slots.copy_(st.slot + offsets)
             pos.copy_(st.positions + offsets)
-            out.copy_(rt.forward_fn()(rt.model, self.cache, tok, pos, slots, st.prompt_valid, st.prompt_len,
+            out.copy_(rt.forward_fn(self.batch)(rt.model, self.cache, tok, pos, slots, st.prompt_valid, st.prompt_len,
                                       rt.window, rt.kind, rt.dtype).float())
             st.slot.add_(q)
             st.positions.add_(q)
