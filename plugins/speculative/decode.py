@@ -1,5 +1,6 @@
 """The speculative decoding loop: draft k tokens per row, verify them in one target forward, keep what the target
-would have produced. Plain functions and three small drafters, in the spirit of gpt-fast's `speculative_decode`.
+would have produced. Plain functions and three small drafters, in the spirit of gpt-fast's `speculative_decode`;
+Medusa's drafter (medusa.py) proposes a tree of candidates instead of a chain and runs through the same loop.
 
 Lossless by construction:
 - greedy: a draft is kept while it equals the target's argmax; the first mismatch is replaced by the argmax, and a
@@ -8,6 +9,12 @@ Lossless by construction:
   min(1, p(x)/q(x)); at the first rejection sample from norm(max(0, p - q)); after k kept drafts sample the bonus
   from p. p and q are the target's and the drafter's distributions after the same warpers (temperature, top-k,
   top-p, ...); a draft-free drafter proposes deterministically, i.e. q is one-hot. The output follows p exactly.
+- trees (`verify_tree`): candidates are deterministic (q one-hot, several candidates per node). At every node the
+  target's own token is drawn (argmax, or a sample of the warped p given the node's ancestors) and the walk moves to
+  the child holding that token; the first node without such a child yields the drawn token. This is recursive
+  rejection sampling with one-hot proposals (accepting candidate c with probability p(c) and resampling from p with
+  the rejected candidates removed is the same as drawing from p and checking), so each kept token and the final one
+  are draws from the target's own conditional: greedy output is the target's, sampled output has its distribution.
 
 Every row keeps its own committed length `n[b]` (see `rows.py`): rows accept different numbers of tokens, finish at
 their own EOS or token budget, and their rejected drafts are masked and later overwritten.
@@ -15,7 +22,9 @@ their own EOS or token budget, and their rejected drafts are masked and later ov
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -55,11 +64,11 @@ class Batch:
         start = torch.zeros_like(self.n)
         row_forward(model, cache, self.seq[:, :length], start, self.real, self.n_pads, length, last_only=True)
 
-    def forward(self, model, cache, tokens, offset: int, last_only=False):
-        """Run `tokens` [B, q] at slots n[b] + offset + j of each row."""
+    def forward(self, model, cache, tokens, offset: int, last_only=False, *, tree=None, hidden=False):
+        """Run `tokens` [B, q] at slots n[b] + offset + j of each row (the nodes of `tree`, if given)."""
         q = tokens.shape[1]
         return row_forward(model, cache, tokens, self.n + offset, self.real, self.n_pads, self.n_max + offset + q,
-                           last_only)
+                           last_only, tree=tree, hidden=hidden)
 
     def last_tokens(self, count: int) -> torch.Tensor:
         """The last `count` committed tokens of every row, [B, count]."""
@@ -87,6 +96,51 @@ class Sampler:
             return logits.argmax(-1), None
         p = self.probs(logits)
         return torch.multinomial(p, 1)[:, 0], p
+
+
+class Proposal(NamedTuple):
+    """A drafter's output for one round."""
+
+    drafts: torch.Tensor  # [B, m] drafted tokens (a chain, or the non-root nodes of `tree` in node order)
+    probs: torch.Tensor | None = None  # [B, m, V] q of sampled chain drafts; None when drafts are deterministic
+    tree: "Tree | None" = None  # None: the drafts are a chain
+
+
+@dataclass
+class Tree:
+    """The shape of branching drafts. Node 0 is the row's last committed token (the root), nodes 1..m the drafts;
+    every parent comes before its children. The same tree serves every row (each row has its own tokens in it)."""
+
+    parent: torch.Tensor  # [N] parent node (-1 at the root)
+    depth: torch.Tensor  # [N] root depth 0
+    visible: torch.Tensor  # [N, N] bool: node j is an ancestor of node i, or i itself
+    levels: list  # levels[d - 1]: LongTensor of the nodes at depth d, d = 1 .. max_depth
+
+    @classmethod
+    def from_parents(cls, parent: list[int], device=None) -> "Tree":
+        n = len(parent)
+        if parent[0] != -1 or any(not 0 <= parent[i] < i for i in range(1, n)):
+            raise ValueError(f"a draft tree needs parent[0] == -1 and 0 <= parent[i] < i; got {parent}")
+        depth = [0] * n
+        visible = torch.eye(n, dtype=torch.bool)
+        for i in range(1, n):
+            depth[i] = depth[parent[i]] + 1
+            visible[i] = visible[parent[i]]
+            visible[i, i] = True
+        levels = [torch.tensor([i for i in range(n) if depth[i] == d]) for d in range(1, max(depth) + 1)]
+        return cls(torch.tensor(parent), torch.tensor(depth), visible, levels).to(device or "cpu")
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.levels)
+
+    def to(self, device) -> "Tree":
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            return [move(x) for x in v] if isinstance(v, list) else v
+
+        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 # ---------------------------------------------------------------------------------------------------- verify
@@ -117,7 +171,43 @@ def verify(sampler: Sampler, logits: torch.Tensor, drafts: torch.Tensor, draft_p
     return accepted, torch.multinomial(p_next, 1)[:, 0]
 
 
+def verify_tree(sampler: Sampler, logits: torch.Tensor, nodes: torch.Tensor, tree: Tree):
+    """Target logits [B, N, V] at the nodes [B, N] of `tree` -> (path [B, D+1], accepted [B], next token [B]).
+
+    Every node draws the target's token (argmax, or one sample of the warped p given the node's ancestors); see
+    `accept_path`. The candidates are deterministic, so this is lossless (see the top of this file)."""
+    b, n, v = logits.shape
+    if sampler.greedy:
+        draws = logits.argmax(-1)  # [B, N]
+    else:
+        draws = torch.multinomial(sampler.probs(logits).reshape(b * n, v), 1).reshape(b, n)
+    return accept_path(draws, nodes, tree)
+
+
+def accept_path(draws: torch.Tensor, nodes: torch.Tensor, tree: Tree):
+    """The target's draws [B, N] at every node -> (path [B, D+1], accepted [B], next token [B]).
+
+    A node is accepted when its token is its parent's draw and its parent is accepted (the root always is); each row
+    keeps its deepest accepted node and the path to it. path[b, d] is the node at depth d of that path for
+    d <= accepted[b] (node 0 first; filler beyond); the next token is the draw at the path's end."""
+    b = draws.shape[0]
+    ok = nodes == draws[:, tree.parent.clamp_min(0)]
+    ok[:, 0] = True
+    for level in tree.levels:  # parents come before children
+        ok[:, level] &= ok[:, tree.parent[level]]
+    accepted = torch.where(ok, tree.depth, -1).max(1).values  # depth of the deepest accepted node
+    deepest = ok & (tree.depth == accepted[:, None])
+    last = deepest.long().argmax(1)  # the first one if siblings hold equal tokens
+    on_path = tree.visible[last]  # [B, N]: its ancestors and itself
+    d = torch.arange(tree.max_depth + 1, device=draws.device)
+    path = (on_path[:, None, :] & (tree.depth == d[:, None])).long().argmax(-1)  # [B, D+1]
+    return path, accepted, draws[torch.arange(b, device=draws.device), last]
+
+
 # ---------------------------------------------------------------------------------------------------- drafters
+# A drafter has `propose(batch, k) -> Proposal` and `observe(fed, logits, hidden, last)`, called after each verify
+# forward with the fed tokens [B, m+1], the target's logits [B, m+1, V], its last hidden states [B, m+1, H] (None
+# unless the drafter sets `wants_hidden = True`) and, per row, the index in `fed` of the last accepted node [B].
 class ModelDrafter:
     """A smaller model (or the int8 self-copy) drafts autoregressively on its own per-row cache.
 
@@ -141,9 +231,9 @@ class ModelDrafter:
             probs.append(p)
             offset += tokens.shape[1]
             tokens = token[:, None]
-        return torch.stack(drafts, 1), (None if self.sampler.greedy else torch.stack(probs, 1))
+        return Proposal(torch.stack(drafts, 1), None if self.sampler.greedy else torch.stack(probs, 1))
 
-    def observe(self, fed: torch.Tensor, logits: torch.Tensor) -> None:
+    def observe(self, fed, logits, hidden, last) -> None:
         pass
 
 
@@ -157,7 +247,7 @@ class LookupDrafter:
     def propose(self, batch: Batch, k: int):
         seq = batch.seq.cpu()  # one small copy per round; the search is cheap host work
         drafts = [self._lookup(seq[b, p:n], k) for b, (n, p) in enumerate(zip(batch.n.tolist(), batch.n_pads.tolist()))]
-        return torch.stack(drafts).to(batch.seq.device), None
+        return Proposal(torch.stack(drafts).to(batch.seq.device))
 
     def _lookup(self, row: torch.Tensor, k: int) -> torch.Tensor:
         length = row.shape[0]
@@ -171,7 +261,7 @@ class LookupDrafter:
                     return torch.cat([follow, follow[-1:].expand(k - len(follow))])
         return row[-1:].expand(k).clone()  # no match: any guess costs the same, the verify step is batched
 
-    def observe(self, fed, logits):
+    def observe(self, fed, logits, hidden, last) -> None:
         pass
 
 
@@ -189,9 +279,9 @@ class RecycleDrafter:
         for _ in range(k):
             token = self.table[token]
             drafts.append(token)
-        return torch.stack(drafts, 1), None
+        return Proposal(torch.stack(drafts, 1))
 
-    def observe(self, fed: torch.Tensor, logits: torch.Tensor) -> None:
+    def observe(self, fed, logits, hidden, last) -> None:
         self.table[fed.reshape(-1)] = logits.argmax(-1).reshape(-1).to(self.table.dtype)
 
 
@@ -251,7 +341,8 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
                          sampler: Sampler, eos_ids: torch.Tensor | None, pad_id: int, length: DraftLength,
                          stats: dict, streamer=None) -> torch.Tensor:
     """Generate up to `max_new_tokens` per row; returns [B, T + L] ids like `generate()` (rows that stop early are
-    padded with `pad_id`). `drafter_factory(batch, sampler)` builds the drafter once the batch layout exists."""
+    padded with `pad_id`). `drafter_factory(batch, sampler)` builds the drafter once the batch layout exists.
+    `length.k_max` bounds the drafts of one round (for a tree drafter: its number of non-root nodes)."""
     b, t = input_ids.shape
     dev = input_ids.device
     capacity = t + 1 + max_new_tokens + length.k_max + 1
@@ -259,6 +350,7 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
     cache = RowCache(num_layers(target), capacity)
     batch.prefill(target, cache, batch.prompt_len - 1)  # all but the last prompt token, which the first round feeds
     drafter = drafter_factory(batch, sampler)
+    wants_hidden = getattr(drafter, "wants_hidden", False)
     rows = torch.arange(b, device=dev)
     budget = torch.full((b,), max_new_tokens, device=dev)  # tokens each row may still add; 0 once done
     generated, budget_h = [0] * b, [max_new_tokens] * b
@@ -266,16 +358,27 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
     k_used: list[int] = []
     while max(budget_h) > 0:
         k = length.k
-        drafts, draft_probs = drafter.propose(batch, k)
-        fed = torch.cat([batch.last_tokens(1), drafts], 1)  # [B, k+1] at slots n-1 .. n+k-1
-        logits = batch.forward(target, cache, fed, -1)
-        accepted, next_token = verify(sampler, logits, drafts, draft_probs)
-        drafter.observe(fed, logits)
+        drafts, draft_probs, tree = drafter.propose(batch, k)
+        fed = torch.cat([batch.last_tokens(1), drafts], 1)  # [B, m+1] at slots n-1 .. n+m-1
+        logits = batch.forward(target, cache, fed, -1, tree=tree, hidden=wants_hidden)
+        logits, hidden = logits if wants_hidden else (logits, None)
+        if tree is None:
+            accepted, next_token = verify(sampler, logits, drafts, draft_probs)
+            depth, last, kept = drafts.shape[1], accepted, drafts
+        else:
+            path, accepted, next_token = verify_tree(sampler, logits, fed, tree)
+            depth, last = tree.max_depth, path[rows, accepted]
+            # roll back per row: the accepted path's K/V moves to contiguous slots n-1 .. n-1+accepted; the other
+            # nodes stay beyond the committed length, where nothing sees them and the next round overwrites them
+            j = torch.arange(depth + 1, device=dev)
+            cache.move(batch.n[:, None] - 1 + path, batch.n[:, None] - 1 + j)
+            kept = fed.gather(1, path[:, 1:])
+        drafter.observe(fed, logits, hidden, last)
 
-        new = torch.cat([drafts, drafts[:, :1]], 1)
-        new[rows, accepted] = next_token  # [B, k+1]: the kept drafts, then the target's own token
+        new = torch.cat([kept, kept[:, :1]], 1) if depth else next_token[:, None].clone()
+        new[rows, accepted] = next_token  # [B, depth+1]: the kept drafts, then the target's own token
         count, hit_eos = commit(new, accepted, eos_ids, budget)
-        j = torch.arange(k + 1, device=dev)
+        j = torch.arange(depth + 1, device=dev)
         slots = (batch.n[:, None] + j).clamp(max=capacity - 1)
         batch.seq.scatter_(1, slots, torch.where(j < count[:, None], new, batch.seq.gather(1, slots)))
         batch.n += count
@@ -288,12 +391,12 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
         live = [a for a, on in zip(acc_h, active_h) if on]
         totals["rounds"] += 1
         totals["row_rounds"] += len(live)
-        totals["drafted"] += k * len(live)
+        totals["drafted"] += depth * len(live)  # the most a row could keep (a tree: its depth)
         totals["accepted"] += sum(live)
         totals["generated"] += sum(count_h)
         generated = [g + c for g, c in zip(generated, count_h)]
         batch.n_max = batch.prompt_len + max(generated)
-        k_used.append(k)
+        k_used.append(depth)
         length.update(live, k)
 
     stats.update(totals, draft_lengths=k_used, mean_accepted=totals["accepted"] / max(totals["row_rounds"], 1),
