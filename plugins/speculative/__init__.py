@@ -12,14 +12,16 @@
 | `selfdraft` | an int8 copy of the target itself (hf_accel's `int8` plugin on a deepcopy; nothing to download) |
 | `lookup` | n-grams of the row's own prompt and output (prompt lookup decoding) |
 | `recycle` | an adjacency table of the target's own top-1 candidates from earlier verify steps (Token Recycling) |
+| `medusa` | Medusa heads on the target's last hidden state; a static tree of their top-k candidates (`medusa.py`) |
 
 Every plugin keeps the target's output: greedy output is token-identical to the target alone, sampled output has
 the target's distribution (exact rejection sampling). `adaptive=True` picks the draft length per round from the
 measured acceptance rate (k is then the upper bound). Batches: rows accept different numbers of tokens; each row has
 its own KV length, mask and positions (`rows.py`), so transformers' batch-size-1 limit does not apply.
 
-Design: `decode.py` (the loop, verification, drafters), `rows.py` (per-row KV slots), `generate.py` (the
-`custom_generate` wrapper recorded by the Patcher, so `hf_accel.remove(model)` restores `generate`).
+Design: `decode.py` (the loop, chain and tree verification, drafters), `rows.py` (per-row KV slots and tree masks),
+`generate.py` (`install`: the `custom_generate` wrapper recorded by the Patcher, so `hf_accel.remove(model)` restores
+`generate`), `medusa.py` (heads, training, artifact, the tree drafter).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import torch
 from hf_accel.errors import OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
 
-from .decode import DraftLength, LookupDrafter, ModelDrafter, RecycleDrafter, speculative_generate
-from .generate import STATS_ATTR, wrap_generate
+from .decode import DraftLength, LookupDrafter, ModelDrafter, RecycleDrafter
+from .generate import STATS_ATTR, install
 
 __all__ = ["DraftModel", "Lookup", "Recycle", "SelfDraft"]
 
@@ -64,15 +66,7 @@ class _Speculative(Plugin):
 
     def apply(self, model, patcher):
         make_drafter, draft_cost = self.make_drafter(model)
-        stats: dict = {}
-        length = DraftLength(self.k, self.adaptive, draft_cost)
-
-        def decode(model, input_ids, attention_mask, **planned):
-            return speculative_generate(model, make_drafter, input_ids, attention_mask, length=length, stats=stats,
-                                        **planned)
-
-        patcher.set_attr(model, STATS_ATTR, stats)
-        patcher.set_attr(model, "generate", wrap_generate(model.generate, self.name, decode, stats))
+        install(model, patcher, self.name, make_drafter, DraftLength(self.k, self.adaptive, draft_cost))
 
     def card_metadata(self, model):
         return {"speculative": self.name, "draft_length": self.k, "adaptive_draft_length": self.adaptive}

@@ -20,9 +20,8 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from hf_accel.compat import get_cache
-from hf_accel.errors import OptionError
 
-from .decode import Sampler
+from .decode import DraftLength, Sampler, speculative_generate
 
 STATS_ATTR = "hf_accel_spec_stats"
 # generate() arguments that choose another decoding path; such calls go to the wrapped generate untouched
@@ -88,12 +87,25 @@ def hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_co
                   generation_config=generation_config, synced_gpus=False, **extra, **model_kwargs)
 
 
-def wrap_generate(original, name: str, decode, stats: dict, *, batch_one: bool = False, greedy_only: bool = False):
-    """The `generate` installed on the instance; every speculative plugin (drafters and medusa) shares it.
+def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dict:
+    """What every speculative plugin's apply() does (drafters and medusa): `model.generate` decodes through
+    `speculative_generate` with drafters from `make_drafter(batch, sampler)`; returns the stats dict."""
+    stats: dict = {}
+
+    def decode(model, input_ids, attention_mask, **planned):
+        return speculative_generate(model, make_drafter, input_ids, attention_mask, length=length, stats=stats,
+                                    **planned)
+
+    patcher.set_attr(model, STATS_ATTR, stats)
+    patcher.set_attr(model, "generate", wrap_generate(model.generate, name, decode, stats))
+    return stats
+
+
+def wrap_generate(original, name: str, decode, stats: dict):
+    """The `generate` installed on the instance.
 
     `decode(model, input_ids, attention_mask, *, sampler, max_new_tokens, eos_ids, pad_id, streamer)` is the
-    plugin's own loop, called when `plan` accepts the call. `batch_one` raises on batches instead of decoding them;
-    `greedy_only` sends sampling to transformers' loop like any other call the plugin cannot serve exactly.
+    plugin's own loop, called when `plan` accepts the call.
     """
     warned: set[str] = set()
 
@@ -112,13 +124,7 @@ def wrap_generate(original, name: str, decode, stats: dict, *, batch_one: bool =
 
         def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
             model_kwargs.pop("synced_gpus", None)
-            if batch_one and input_ids.shape[0] != 1:
-                raise OptionError(f"plugin {name!r} decodes one sequence at a time; got a batch of "
-                                  f"{input_ids.shape[0]} (accepted: batch size 1, or another speculative plugin such "
-                                  "as lookup/recycle/draft for batches)")
             decided = plan(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
-            if greedy_only and not isinstance(decided, str) and not decided[0].greedy:
-                decided = f"sampling ({name} verifies greedy decoding only)"
             if isinstance(decided, str):
                 warn_once(decided)
                 stats.clear()

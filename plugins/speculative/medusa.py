@@ -6,16 +6,20 @@
     model = AutoModelForCausalLM.from_pretrained(id, accel="medusa(heads='out/medusa')")
 
 Head k (0-based) is one residual block `h + SiLU(W_k h)` followed by the base's frozen lm_head; on the last hidden
-state at position i it predicts token i+2+k (the lm_head itself predicts i+1). Each decode round:
-1. the root is the target's greedy token (known, not yet in the KV cache); the heads' top-k give the tree nodes
-   (a static tree: a list of paths of top-k ranks, Medusa's sparse default or `tree='3,2,1'`, a full tree of those
-   widths per depth);
-2. ONE target forward runs root + nodes with a 4-D additive mask (everything cached + the node's ancestors and
-   itself) and position ids by depth;
-3. the longest path whose tokens equal the target's greedy choice at their parent is accepted; the KV of the root
-   and the accepted nodes is moved to contiguous slots and the cache cropped (the rest rolls back).
-Greedy output is token-identical to the target alone. Batch size 1 only (batch > 1 raises OptionError); sampling
-and other modes run transformers' own loop with a warning.
+state at position i it predicts token i+2+k (the lm_head itself predicts i+1). Medusa is a tree drafter of the
+shared speculative loop (decode.py: per-row slots, verification, EOS and budgets, stats). Each round, per row:
+1. the root is the row's last committed token (drawn by the target last round, not yet in the KV cache); the heads,
+   read at the hidden state of the token before it, give the tree's nodes by their top-k ranks (a static tree: a list
+   of paths of ranks, Medusa's sparse default or `tree='3,2,1'`, a full tree of those widths per depth);
+2. ONE target forward runs root + nodes at the row's own slots with a tree mask (the row's cached tokens, the
+   node's ancestors and itself) and positions by depth (rows.py);
+3. `verify_tree` draws the target's token at every node (argmax, or a sample of the warped distribution) and keeps
+   the longest path whose tokens are their parent's draws, plus the draw at its end; the K/V of the accepted path
+   moves to contiguous slots, the rest rolls back.
+Greedy output is token-identical to the target alone; sampled output has the target's distribution (candidates are
+deterministic top-k tokens, so drawing from p at each node and following a matching child is exact rejection
+sampling). Any batch size, left-padded rows of different lengths, each accepting its own path. The first round of a
+call is the root alone (no hidden state yet), i.e. one plain decode step.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from torch import nn
 from hf_accel.errors import ArtifactError, OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
 
-from .generate import STATS_ATTR, wrap_generate
+from .decode import DraftLength, Proposal, Tree
+from .generate import install
 
 __all__ = ["Medusa", "MedusaHeads", "build_tree", "load_heads", "push_heads", "save_heads", "train_medusa"]
 
@@ -208,124 +213,59 @@ def parse_tree(tree: str, num_heads: int) -> tuple[tuple[int, ...], ...]:
 
 
 @dataclass
-class Tree:
-    paths: tuple  # node i+1 <-> paths[i]; node 0 is the root
-    depth: torch.Tensor  # [N] root depth 0
-    parent: torch.Tensor  # [N] parent node index (-1 for the root)
-    head: torch.Tensor  # [N-1] head index of each non-root node
-    rank: torch.Tensor  # [N-1] top-k rank of each non-root node
-    visible: torch.Tensor  # [N, N] bool: node j is an ancestor of node i or i itself
-    children: list  # children[i] = list of node indices
+class MedusaTree(Tree):
+    """A static Medusa tree: node i+1 is `paths[i]`, the candidate of rank paths[i][-1] of head len(paths[i]) - 1."""
+
+    paths: tuple = ()
+    head: torch.Tensor | None = None  # [N-1] head index of each non-root node
+    rank: torch.Tensor | None = None  # [N-1] top-k rank of each non-root node
 
 
-def build_tree(paths, device="cpu") -> Tree:
+def build_tree(paths, device="cpu") -> MedusaTree:
+    """Paths sorted by length (parse_tree's order: every parent before its children)."""
     index = {(): 0}
     for i, p in enumerate(paths):
         index[tuple(p)] = i + 1
-    n = len(paths) + 1
     parent = [-1] + [index[tuple(p[:-1])] for p in paths]
-    visible = torch.eye(n, dtype=torch.bool)
-    children = [[] for _ in range(n)]
-    for i in range(1, n):
-        children[parent[i]].append(i)
-        j = parent[i]
-        while j >= 0:
-            visible[i, j] = True
-            j = parent[j]
-    return Tree(tuple(paths), torch.tensor([0] + [len(p) for p in paths], device=device),
-                torch.tensor(parent, device=device), torch.tensor([len(p) - 1 for p in paths], device=device),
-                torch.tensor([p[-1] for p in paths], device=device), visible.to(device), children)
+    base = Tree.from_parents(parent, device)
+    return MedusaTree(base.parent, base.depth, base.visible, base.levels, tuple(paths),
+                      torch.tensor([len(p) - 1 for p in paths], dtype=torch.long, device=device),
+                      torch.tensor([p[-1] for p in paths], dtype=torch.long, device=device))
 
 
-# -------------------------------------------------------------------------------------------------------- loop
-def _mask(visible_tree: torch.Tensor, past: int, dtype, device) -> torch.Tensor:
-    n = visible_tree.shape[0]
-    visible = torch.cat([torch.ones(n, past, dtype=torch.bool, device=device), visible_tree], dim=1)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
+# -------------------------------------------------------------------------------------------------------- drafter
 def _compute_dtype(model):
     dtype = model.get_input_embeddings().weight.dtype
     return dtype if dtype.is_floating_point else model.dtype
 
 
-@torch.no_grad()
-def medusa_generate(model, heads: MedusaHeads, tree: Tree, input_ids, max_new_tokens: int, eos_ids=None,
-                    stats: dict | None = None, streamer=None) -> torch.Tensor:
-    """Greedy Medusa decoding at batch size 1 (no padding); returns prompt + new tokens."""
-    from transformers import DynamicCache
+class MedusaDrafter:
+    """Tree drafts from the heads, read at the hidden state of each row's last accepted node (see decode.py)."""
 
-    from hf_accel.compat import cache_kwarg
+    wants_hidden = True
 
-    device = input_ids.device
-    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    dtype = _compute_dtype(model)
-    if tree.depth.device != device:
-        tree = build_tree(tree.paths, device)
-    cache = DynamicCache(config=model.config)
-    ck = cache_kwarg(model)
-    t = input_ids.shape[1]
-    hidden = decoder(input_ids=input_ids, **{ck: cache}, use_cache=True).last_hidden_state[:, -1]  # [1, H]
-    root = lm_head(hidden).float().argmax(-1)  # [1]
-    out = [int(root)]
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-        streamer.put(root.cpu())
-    eos = set() if eos_ids is None else {int(e) for e in eos_ids.flatten().tolist()}
-    steps, accepted_total = 0, 0
-    past = t
-    while len(out) < max_new_tokens and out[-1] not in eos:
-        head_logits = heads(hidden.to(dtype), lm_head)[:, 0].float()  # [K, V]
-        maxrank = int(tree.rank.max()) + 1
-        top = head_logits.topk(maxrank, dim=-1).indices  # [K, R]
-        nodes = top[tree.head, tree.rank]  # [N-1]
-        tokens = torch.cat([root, nodes])[None]  # [1, N]
-        positions = (past + tree.depth)[None]
-        mask = _mask(tree.visible, past, dtype, device)
-        h = decoder(input_ids=tokens, attention_mask=mask, position_ids=positions, **{ck: cache},
-                    use_cache=True).last_hidden_state[0]  # [N, H]
-        greedy = lm_head(h).float().argmax(-1).tolist()  # [N]
-        toks = tokens[0].tolist()
-        path, node = [0], 0
-        while True:
-            nxt = next((c for c in tree.children[node] if toks[c] == greedy[node]), None)
-            if nxt is None:
-                break
-            path.append(nxt)
-            node = nxt
-        # KV write-back: root + accepted nodes to contiguous slots past .. past+len(path)-1, drop the rest
-        idx = torch.tensor(path, device=device) + past
-        keep = past + len(path)
-        for layer in cache.layers:
-            for name in ("keys", "values"):
-                buf = getattr(layer, name)
-                setattr(layer, name, torch.cat([buf[:, :, :past], buf[:, :, idx]], dim=2))
-        past = keep
-        new = [toks[i] for i in path[1:]] + [greedy[node]]
-        steps += 1
-        accepted_total += len(path) - 1
-        for tok in new:
-            if len(out) >= max_new_tokens or out[-1] in eos:
-                break
-            out.append(tok)
-            if streamer is not None:
-                streamer.put(torch.tensor([tok]))
-        root = torch.tensor([greedy[node]], device=device)
-        hidden = h[node][None]
-    if streamer is not None:
-        streamer.end()
-    if stats is not None:
-        stats.update(steps=steps, accepted=accepted_total, mean_accepted=accepted_total / max(steps, 1),
-                     tokens_per_step=(accepted_total + steps) / max(steps, 1), tree_nodes=len(tree.paths))
-    return torch.cat([input_ids, torch.tensor([out], dtype=input_ids.dtype, device=device)], dim=1)
+    def __init__(self, heads: MedusaHeads, tree: MedusaTree, lm_head, dtype, device):
+        self.heads, self.tree, self.lm_head, self.dtype = heads, tree, lm_head, dtype
+        self.max_rank = int(tree.rank.max()) + 1
+        self.root_only = Tree.from_parents([-1], device)
+        self.hidden: torch.Tensor | None = None  # [B, H]
+
+    def propose(self, batch, k: int) -> Proposal:
+        if self.hidden is None:  # the call's first round: no hidden state yet, so the root alone
+            return Proposal(batch.seq.new_zeros(batch.seq.shape[0], 0), tree=self.root_only)
+        logits = self.heads(self.hidden.to(self.dtype), self.lm_head)  # [K, B, V]
+        top = logits.topk(self.max_rank, dim=-1).indices  # [K, B, R]
+        nodes = top[self.tree.head, :, self.tree.rank]  # [N-1, B]
+        return Proposal(nodes.T.contiguous(), tree=self.tree)
+
+    def observe(self, fed, logits, hidden, last) -> None:
+        self.hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 # ------------------------------------------------------------------------------------------------------ plugin
 @dataclass
 class Medusa(Plugin):
-    """Medusa-1 heads with static-tree verification (greedy, lossless, batch size 1)."""
+    """Medusa-1 heads with static-tree verification (lossless: greedy and sampling, any batch size)."""
 
     name = "medusa"
     family = Family.SPECULATIVE
@@ -348,25 +288,24 @@ class Medusa(Plugin):
                                         "encoder-decoder model")
 
     def apply(self, model, patcher):
-        heads, config = load_heads(self.heads)
+        heads, _ = load_heads(self.heads)
         if heads.hidden_size != _hidden_size(model):
             raise UnsupportedModelError(f"plugin 'medusa': heads {self.heads!r} were trained for hidden size "
                                         f"{heads.hidden_size}; this model has {_hidden_size(model)}")
-        tree = build_tree(parse_tree(self.tree, heads.num_heads))
-        device = next(model.parameters()).device
-        heads.to(device=device, dtype=_compute_dtype(model))
-        stats: dict = {}
+        paths = parse_tree(self.tree, heads.num_heads)
+        dtype = _compute_dtype(model)
+        heads.to(device=next(model.parameters()).device, dtype=dtype)
+        trees: dict = {}  # per device
 
-        def decode(model, input_ids, attention_mask, *, max_new_tokens, eos_ids, streamer, **_):
-            if attention_mask is not None and not bool(attention_mask.bool().all()):
-                input_ids = input_ids[:, attention_mask[0].bool()]  # batch size 1: padding is just dropped
-            if heads.blocks[0].weight.device != input_ids.device:
-                heads.to(input_ids.device)
-            return medusa_generate(model, heads, tree, input_ids, max_new_tokens, eos_ids, stats, streamer)
+        def make_drafter(batch, sampler):
+            device = batch.seq.device
+            if heads.blocks[0].weight.device != device:  # the target moved after apply(); follow it
+                heads.to(device)
+            if device not in trees:
+                trees[device] = build_tree(paths, device)
+            return MedusaDrafter(heads, trees[device], model.get_output_embeddings(), dtype, device)
 
-        patcher.set_attr(model, STATS_ATTR, stats)
-        patcher.set_attr(model, "generate", wrap_generate(model.generate, self.name, decode, stats, batch_one=True,
-                                                          greedy_only=True))
+        install(model, patcher, self.name, make_drafter, DraftLength(len(paths)))  # k_max: drafts per round
 
     def card_metadata(self, model):
         return {"speculative": "medusa", "medusa_heads": self.heads, "medusa_tree": self.tree}
