@@ -28,7 +28,16 @@ that later replaces a weight tensor (not `copy_` into it) must call `hf_accel.ru
    `StaticKVLayer`: `update(k, v)` writes the prompt into rows `layer.prefill_rows`, slots [0, T) and returns
    what attention should read for the prompt; in decode (`prefill_rows is None`) it writes the new K/V at the
    device tensor `layer.slots` and returns [batch, kv_heads, capacity, head_dim] tensors (e.g. dequantised views).
-   The runtime masks every slot that is not a real prompt token or an already generated one.
+   The runtime masks every slot that is not a real prompt token or an already generated one; slots not yet written
+   must still read as finite numbers. The factory is called once per layer and bucket (the runtime's bf16 pool is
+   then not allocated); it may raise `Unsupported(..., whole_model=False)` to send a call to transformers' loop.
+   Optional: `factory.release()`, called when the runtime drops its sessions (a larger bucket, `invalidate`, a
+   moved model), so a factory that pools storage across buckets, like `KVPool`, can free it; `layer.dynamic_dims()`,
+   a list of (tensor, dims) that torch.compile treats as symbolic (default: keys and values, batch and capacity).
+   A KV plugin whose generate wrapper passes its own cache as `past_key_values` (for transformers' loop) sets
+   `cache.runtime_servable`: True (empty, and the factory serves the same policy) lets the runtime take the call,
+   the cache being used only if the call falls back; False sends the call to transformers' loop. kvquant does this
+   (plugins/kv_cache/_fast.py); an eviction policy's cache is not servable.
 3. Attention kernels: register with `transformers.AttentionInterface.register(name, fn)` and set the model's
    implementation. The runtime then always passes a boolean 4-D mask [batch, 1, Q, keys] (True = attend), the
    cache's full-capacity K/V and `module.layer_idx`; `fn` must be capturable. ("sdpa" is served by `fast_sdpa`,

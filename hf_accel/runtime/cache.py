@@ -17,6 +17,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+KV_LAYER_ATTR = "_hf_accel_kv_layer"  # a KV plugin's layer factory on the model (contract point 2 in __init__)
+
+
 class Unsupported(Exception):
     """The runtime cannot run this call (or, with `whole_model`, this model at all) exactly; the caller falls back
     to transformers."""
@@ -95,12 +98,16 @@ class KVPool:
     def bytes_per_token(self) -> int:
         return 2 * self.n_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
-    def ensure(self, batch: int, capacity: int) -> bool:
-        """Make room for [batch, capacity]; returns True when the storage moved (views taken before are stale)."""
+    def ensure(self, batch: int, capacity: int, allocate: bool = True) -> bool:
+        """Make room for [batch, capacity]; returns True when the storage moved (views taken before are stale).
+        `allocate=False` (a KV plugin's layers hold the K/V): only the size is recorded."""
         need = batch * capacity
         if need <= self.tokens:
             return False
         self.k, self.v = [], []  # free the old storage before taking the new
+        if not allocate:
+            self.tokens = need
+            return True
         n = need * self.kv_heads * self.head_dim
         # zeros, not empty: masked slots still enter the attention matmul with weight 0, and 0 * NaN is NaN
         self.k = [torch.zeros(n, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]

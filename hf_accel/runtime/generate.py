@@ -23,6 +23,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
+from ..compat import get_cache
 from .cache import Unsupported
 from .sampling import SamplingPlan, plan_from_hf
 from .session import Runtime, bucket_capacity, sample_and_record
@@ -41,9 +42,10 @@ def wrap_generate(model, runtime: Runtime, original):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        # a flag set to False (`synced_gpus=False`, as a tensor-parallel caller passes) hands nothing over
+        # a flag set to False (`synced_gpus=False`, as a tensor-parallel caller passes) hands nothing over; nor does
+        # a KV plugin's empty cache that its `_hf_accel_kv_layer` layers serve here (`runtime_servable`, contract 2)
         passing = [k for k in _PASS_THROUGH if kwargs.get(k) is not None and kwargs[k] is not False
-                   and not _empty_list(kwargs[k])]
+                   and not _empty_list(kwargs[k]) and not _servable(kwargs[k])]
         if passing or runtime.disabled:
             reason = runtime.disabled or f"generate({passing[0]}=...) is not handled by the fast runtime"
             runtime.warn(f"{reason}; this call runs transformers' own generate")
@@ -82,6 +84,12 @@ def _empty_list(value) -> bool:
     return isinstance(value, list) and not value
 
 
+def _servable(value) -> bool:
+    """A KV plugin's cache that the runtime may replace by its plugin's layers (it stays unused unless the call
+    falls back to transformers' loop, which then decodes with it)."""
+    return getattr(value, "runtime_servable", False) is True
+
+
 def _hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, synced_gpus,
              model_kwargs):
     mode = generation_config.get_generation_mode()
@@ -104,6 +112,9 @@ def _why_not(runtime, generation_config, synced_gpus, model_kwargs) -> str:
         return f"model inputs {extra}"
     if model_kwargs.get("output_attentions") or model_kwargs.get("output_hidden_states"):
         return "output_attentions / output_hidden_states"
+    cache = get_cache(model_kwargs)
+    if getattr(cache, "runtime_servable", None) is False:  # e.g. an eviction policy's cache, when `fast` wraps it
+        return f"a {type(cache).__name__} that the fast runtime cannot serve"
     return ""
 
 

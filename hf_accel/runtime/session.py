@@ -25,7 +25,7 @@ import torch
 from ..compat import cache_kwarg
 from ..distributed import local_kv_heads, offload_reason
 from .attention import decode_mask, mask_kind, prefill_mask, use_fast_attention
-from .cache import KVCache, KVPool, Unsupported
+from .cache import KV_LAYER_ATTR, KVCache, KVPool, Unsupported
 from .sampling import SamplingPlan, StepKey, choose, process
 
 
@@ -157,9 +157,12 @@ class Runtime:
         Any change drops the graphs (they hold the old addresses) and the cache."""
         model = self.model
         weights = hash(tuple(p.data_ptr() for p in model.parameters()))
-        placement = (next(model.parameters()).device, model.dtype, model.config._attn_implementation, weights)
+        placement = (next(model.parameters()).device, model.dtype, model.config._attn_implementation, weights,
+                     id(self.kv_factory()))
         if placement == self.placement:
             return
+        if self.placement is not None:
+            self._release_factory()
         self.placement = placement
         self.device, self.dtype = placement[:2]
         self.cuda = self.device.type == "cuda"
@@ -170,6 +173,15 @@ class Runtime:
         self._forward = {}  # batch == 1 -> step function
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.pool = KVPool(self.config.num_hidden_layers, self.kv_heads, self.head_dim, self.dtype, self.device)
+
+    def kv_factory(self):
+        """A KV plugin's layer factory (`_hf_accel_kv_layer`, see the contract in __init__), or None."""
+        return getattr(self.model, KV_LAYER_ATTR, None)
+
+    def _release_factory(self) -> None:
+        release = getattr(self.kv_factory(), "release", None)
+        if release is not None:
+            release()
 
     @staticmethod
     def _window(config) -> tuple[int, bool]:
@@ -222,7 +234,9 @@ class Runtime:
         key = (bucket_batch(batch), capacity)
         if key[0] * key[1] > self.pool.tokens:  # the pool must move: every graph points at the old storage
             self._drop_graphs()  # first, so that the old storage is free before the new one is taken
-            self.pool.ensure(*key)
+            factory = self.kv_factory()
+            self._release_factory()  # a KV plugin's layers take the pool's place: it frees its storage too
+            self.pool.ensure(*key, allocate=factory is None)
             self.stats["pool_moves"] += 1
         if key not in self.sessions:
             self.sessions[key] = Session(self, *key)
@@ -251,6 +265,7 @@ class Runtime:
     def release(self) -> None:
         """Drop graphs, sessions and the KV pool (the next call captures again)."""
         self._drop_graphs()
+        self._release_factory()
         self.pool.k, self.pool.v, self.pool.tokens = [], [], 0
 
 
@@ -259,7 +274,7 @@ class Session:
 
     def __init__(self, rt: Runtime, batch: int, capacity: int):
         self.rt, self.batch, self.capacity = rt, batch, capacity
-        factory = getattr(rt.model, "_hf_accel_kv_layer", None)  # a KV plugin's layer factory (see __init__)
+        factory = rt.kv_factory()
         if factory is not None:
             layers = [factory(i, batch, capacity, rt.kv_heads, rt.head_dim, rt.dtype, rt.device)
                       for i in range(rt.config.num_hidden_layers)]
@@ -278,10 +293,12 @@ class Session:
         mark = torch._dynamo.maybe_mark_dynamic
         st = self.state
         for layer in self.cache.layers:
-            for t in (layer.keys, layer.values):
-                mark(t, 2)
-                if self.batch > 1:
-                    mark(t, 0)
+            dims = layer.dynamic_dims() if hasattr(layer, "dynamic_dims") else [(layer.keys, (0, 2)),
+                                                                                 (layer.values, (0, 2))]
+            for t, axes in dims:
+                for axis in axes:
+                    if axis != 0 or self.batch > 1:
+                        mark(t, axis)
         mark(st.prompt_valid, 1)
         if self.batch > 1:
             for t in (st.prompt_valid, st.tokens, st.positions):
