@@ -338,6 +338,13 @@ class KVCache(Cache):
             part = torch.cat([part, part.new_ones(batch, q - part.shape[1])], dim=1)
         return part
 
+    @property
+    def runtime_servable(self) -> bool:
+        """The fast runtime may serve a call given this cache (hf_accel/runtime/__init__.py, contract point 2): no
+        eviction policy (kvquant alone runs in the runtime's own static layers, `_fast.py`) and nothing stored yet
+        (multi-turn continues here). The cache is then used only if the call falls back to transformers' loop."""
+        return self.policy is None and self.get_seq_length() == 0
+
     # -- what is stored ----------------------------------------------------------------------------------------------
     def stored_tokens(self) -> list[int]:
         return [layer.stored() for layer in self.layers]

@@ -6,6 +6,12 @@ for), then quantized per token in groups of `group` channels; values: quantized 
 channels; the `residual` most recent tokens stay in full precision. Asymmetric codes with a scale and minimum per
 group; int4 codes are packed two per byte. Every token owns its scales, so an eviction policy can drop any token
 without re-quantizing its neighbours (the full-precision window is never evicted).
+
+With the `fast` runtime (`kvquant+fast`), the same quantization runs inside the runtime's captured decode steps:
+apply() installs `_fast.QuantLayerFactory` as the model's `_hf_accel_kv_layer`, whose static-capacity layers hold
+the codes for the whole capacity plus a small full-precision ring, and the cache this plugin's generate wrapper
+builds tells the runtime it may serve the call (`KVCache.runtime_servable`). Combined with an eviction policy, the
+runtime cannot serve it and transformers' loop runs, as before.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hf_accel.errors import OptionError
+from hf_accel.runtime.cache import KV_LAYER_ATTR
 
+from ._fast import QuantLayerFactory
 from ._generate import QUANT_ATTR, KVPlugin
 
 
@@ -41,6 +49,10 @@ class KVQuant(KVPlugin):
         if head_dim % self.group:
             raise OptionError(f"plugin 'kvquant': group={self.group} must divide the head dimension ({head_dim}); "
                               f"try group={math.gcd(head_dim, self.group)}")
+
+    def apply(self, model, patcher):
+        super().apply(model, patcher)
+        patcher.set_attr(model, KV_LAYER_ATTR, QuantLayerFactory(self.bits, self.group, self.residual, model))
 
     def card_metadata(self, model):
         return {"kv_bits": self.bits, "kv_group": self.group, "kv_residual": self.residual}
