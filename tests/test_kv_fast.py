@@ -5,8 +5,8 @@ back where the runtime cannot serve the KV plugins (eviction policies, pre-fille
 Sensitivity: at bits=8 greedy tokens of these tiny models do not change under quantization at all, so token
 equality alone would also pass for a layer that does not quantize. The layer test below therefore compares the K/V
 that attention reads with `KVLayer`'s bit for bit at every step, and the logits test checks that the fast path's
-logits follow kvquant's, not the unquantized model's. At bits=4 the tokens do change under quantization (checked),
-and they are the same with and without `fast`.
+logits follow kvquant's, not the unquantized model's. At bits=4 and 2 the tokens do change under quantization
+(checked), and they are the same with and without `fast`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import hf_accel
 from hf_accel.errors import OptionError
 from hf_accel.plugins.kv_cache import KVCache, KVQuant
 from hf_accel.plugins.kv_cache._fast import QuantLayerFactory, QuantStaticLayer
+from hf_accel.plugins.kv_cache._layers import dequantize, quantize
 from hf_accel.runtime import bucket_capacity, get_runtime
 
 SPEC = "kvquant(bits={bits}, group=16, residual={residual})"
@@ -47,6 +48,25 @@ def quant_layers(model):
     return layers
 
 
+# --- quantization: int2 packing, error bounds -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,bound", [(8, 0.01), (4, 0.12), (2, 0.5)])
+def test_codes_pack_and_error_bounds(bits, bound):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 64, 32)
+    codes, scale, lo = quantize(x, bits, 16)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == 32 * bits // 8
+    err = (dequantize(codes, scale, lo, bits, 16) - x).norm() / x.norm()
+    assert err < bound
+    levels = torch.round((x.reshape(2, 2, 64, 2, 16) - lo[..., None]) / scale[..., None]).reshape(2, 2, 64, 32)
+    if bits == 4:  # the int4 layout kvquant always had: channel 2i in the low nibble, 2i + 1 in the high one
+        assert torch.equal(codes, (levels[..., 0::2] + 16 * levels[..., 1::2]).to(torch.uint8))
+    if bits == 2:
+        assert torch.equal(codes, sum(levels[..., i::4] * 4 ** i for i in range(4)).to(torch.uint8))
+    with pytest.raises(OptionError, match="multiple of 4"):
+        KVQuant(bits=2, group=6)
+
+
 # --- the layer: what attention reads, step by step, equals kvquant's own cache layer ----------------------------------
 
 @pytest.mark.parametrize("bits,residual,prompt", [
@@ -57,6 +77,8 @@ def quant_layers(model):
     (8, 0, 1),    # no window, one-token prompt: the first flush (2 tokens) in the first decode step
     (4, 0, 7),
     (4, 3, 1),
+    (2, 6, 30),
+    (2, 0, 1),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_static_layer_reads_what_kvlayer_attends_to(bits, residual, prompt, dtype):
@@ -108,7 +130,7 @@ CALLS = [([5, 40, 17], 50), ([1], 40), ([3, 1], 33), ([200, 7], 70), ([260, 90, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_greedy_equals_kvquant_alone(arch, bits):
     """Left-padded batches of different lengths, prompts in two capacity buckets (256, 320), batch buckets 1, 2 and 4;
     the runtime serves every call (no fallback) with its quantized layers."""
@@ -129,7 +151,7 @@ def test_greedy_equals_kvquant_alone(arch, bits):
     assert buckets == {(1, 256), (2, 256), (4, 256), (2, 320), (4, 320)}
     assert rt.pool.k == [] and rt.pool.v == []  # no full-precision pool next to the quantized layers
     quant_layers(fast)
-    if bits == 4:  # quantization changes these tokens: the equality above is not the unquantized model's
+    if bits < 8:  # quantization changes these tokens: the equality above is not the unquantized model's
         assert changed > 50
 
 
@@ -186,7 +208,7 @@ def test_forward_and_rewind():
 
 # --- memory ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_memory_held_is_the_quantized_bytes(bits):
     """bf16 model, a 900-token prompt (capacity 1024): every layer holds codes (bits/8 bytes per element), a bf16
     scale and minimum per 16 channels, and the full-precision ring of residual + 32 + 16 tokens; nothing else (the
@@ -211,7 +233,7 @@ def test_memory_held_is_the_quantized_bytes(bits):
     assert held == per_layer * len(layers)
     expected_ratio = bits / 16 + 2 * 2 / (2 * group) + ring / c + 1 / c  # codes + scales + ring + channel
     assert held / (bf16 * len(layers)) <= expected_ratio + 1e-9
-    assert held < bf16 * len(layers) * (0.69 if bits == 8 else 0.44)
+    assert held < bf16 * len(layers) * {8: 0.69, 4: 0.44, 2: 0.32}[bits]
 
 
 def test_buckets_share_the_factory_storage_and_release_frees_it():

@@ -4,7 +4,8 @@ The runtime (hf_accel/runtime/__init__.py, contract point 2) preallocates one la
 writes the prompt eagerly and then replays each decode step from a CUDA graph, so everything here has fixed shapes
 and reads its positions from device tensors. Storage of one layer (B rows, H KV heads, C = capacity slots, D dims):
 
-    codes  kc, vc   uint8 [B, H, C, D * bits / 8]    every written token, quantized (`_layers.quantize`)
+    codes  kc, vc   uint8 [B, H, C, D * bits / 8]    every written token, quantized (`_layers.quantize`; int4 and
+                                                     int2 packed two and four per byte)
     scales ks, kz,  [B, H, C, D / group]             per-token scale and minimum, model dtype
            vs, vz
     channel         [B, H, 1, D]                     the keys' per-channel scale (fixed at the first flush)

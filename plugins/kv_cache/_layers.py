@@ -49,21 +49,27 @@ SELF_ATTEND: contextvars.ContextVar = contextvars.ContextVar("hf_accel_kv_self_a
 def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-token quantization of x [..., n, D] in groups of `group` channels.
 
-    Returns codes uint8 [..., n, D * bits / 8] (two int4 codes per byte), scale and minimum [..., n, D / group]."""
+    Returns codes uint8 [..., n, D * bits / 8] (int4 / int2: 8 / bits consecutive channels per byte, the first in
+    the low bits), scale and minimum [..., n, D / group]."""
     *lead, n, d = x.shape
     xg = x.float().reshape(*lead, n, d // group, group)
     lo, hi = xg.amin(-1), xg.amax(-1)
     levels = (1 << bits) - 1
     scale = ((hi - lo) / levels).clamp(min=1e-8)
     q = torch.round((xg - lo[..., None]) / scale[..., None]).clamp_(0, levels).to(torch.uint8).reshape(*lead, n, d)
-    if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    per = 8 // bits
+    if per > 1:
+        packed = q[..., 0::per]
+        for i in range(1, per):
+            packed = packed | (q[..., i::per] << (bits * i))
+        q = packed
     return q, scale.to(x.dtype), lo.to(x.dtype)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    if bits == 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+    per, mask = 8 // bits, (1 << bits) - 1
+    if per > 1:
+        codes = torch.stack([(codes >> (bits * i)) & mask for i in range(per)], dim=-1).flatten(-2)
     *lead, n, d = codes.shape
     x = codes.to(scale.dtype).reshape(*lead, n, d // group, group) * scale[..., None] + lo[..., None]
     return x.reshape(*lead, n, d)

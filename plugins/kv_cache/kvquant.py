@@ -1,11 +1,11 @@
-"""`kvquant`: int8 / int4 KV cache, KIVI-style (Liu et al. 2024, arXiv:2402.02750), combinable with any eviction
+"""`kvquant`: int8 / int4 / int2 KV cache, KIVI-style (Liu et al. 2024, arXiv:2402.02750), combinable with any eviction
 plugin.
 
 Keys: divided by a per-channel scale taken from the prompt (the fixed outlier channels KIVI quantizes per channel
 for), then quantized per token in groups of `group` channels; values: quantized per token in groups of `group`
 channels; the `residual` most recent tokens stay in full precision. Asymmetric codes with a scale and minimum per
-group; int4 codes are packed two per byte. Every token owns its scales, so an eviction policy can drop any token
-without re-quantizing its neighbours (the full-precision window is never evicted).
+group; int4 / int2 codes are packed two / four per byte. Every token owns its scales, so an eviction policy can drop
+any token without re-quantizing its neighbours (the full-precision window is never evicted).
 
 With the `fast` runtime (`kvquant+fast`), the same quantization runs inside the runtime's captured decode steps:
 apply() installs `_fast.QuantLayerFactory` as the model's `_hf_accel_kv_layer`, whose static-capacity layers hold
@@ -29,11 +29,11 @@ from ._generate import QUANT_ATTR, KVPlugin
 
 @dataclass
 class KVQuant(KVPlugin):
-    """int8 / int4 KV cache (per-channel-scaled keys, per-token values, full-precision recent window)."""
+    """int8 / int4 / int2 KV cache (per-channel-scaled keys, per-token values, full-precision recent window)."""
 
     name = "kvquant"
     attr = QUANT_ATTR
-    bits: Literal[8, 4] = 4
+    bits: Literal[8, 4, 2] = 4
     group: int = 32  # channels sharing one scale and minimum
     residual: int = 128  # most recent tokens kept in full precision
 
@@ -41,6 +41,9 @@ class KVQuant(KVPlugin):
         if self.group < 2 or self.group % 2 or self.residual < 0:
             raise OptionError(f"plugin 'kvquant': 'group' must be an even number >= 2 and 'residual' >= 0 "
                               f"(got group={self.group}, residual={self.residual})")
+        if self.bits == 2 and self.group % 4:
+            raise OptionError(f"plugin 'kvquant': bits=2 packs four channels per byte, so 'group' must be a multiple "
+                              f"of 4 (got group={self.group})")
 
     def check(self, model):
         super().check(model)
