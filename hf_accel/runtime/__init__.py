@@ -33,7 +33,8 @@ that later replaces a weight tensor (not `copy_` into it) must call `hf_accel.ru
    then not allocated); it may raise `Unsupported(..., whole_model=False)` to send a call to transformers' loop.
    Optional: `factory.release()`, called when the runtime drops its sessions (a larger bucket, `invalidate`, a
    moved model), so a factory that pools storage across buckets, like `KVPool`, can free it; `layer.dynamic_dims()`,
-   a list of (tensor, dims) that torch.compile treats as symbolic (default: keys and values, batch and capacity).
+   the (tensor, dims) pairs that torch.compile treats as symbolic: every dim that follows the capacity, and the
+   batch dim when batch > 1 (batch 1 compiles apart); default: keys and values, dims 2 and (batch > 1) 0.
    A KV plugin whose generate wrapper passes its own cache as `past_key_values` (for transformers' loop) sets
    `cache.runtime_servable`: True (empty, and the factory serves the same policy) lets the runtime take the call,
    the cache being used only if the call falls back; False sends the call to transformers' loop. kvquant does this

@@ -293,12 +293,14 @@ class Session:
         mark = torch._dynamo.maybe_mark_dynamic
         st = self.state
         for layer in self.cache.layers:
-            dims = layer.dynamic_dims() if hasattr(layer, "dynamic_dims") else [(layer.keys, (0, 2)),
-                                                                                 (layer.values, (0, 2))]
+            if hasattr(layer, "dynamic_dims"):  # a KV plugin's layer says which dims are batch or capacity
+                dims = layer.dynamic_dims()
+            else:
+                axes = (0, 2) if self.batch > 1 else (2,)
+                dims = [(layer.keys, axes), (layer.values, axes)]
             for t, axes in dims:
                 for axis in axes:
-                    if axis != 0 or self.batch > 1:
-                        mark(t, axis)
+                    mark(t, axis)
         mark(st.prompt_valid, 1)
         if self.batch > 1:
             for t in (st.prompt_valid, st.tokens, st.positions):
