@@ -124,6 +124,26 @@ def test_static_layer_is_traceable_without_graph_breaks():
         assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_matches_and_compiles_twice():
+    """The torch.compile path (inductor's CPU backend): the quantized layers mark their capacity (and batch)
+    symbolic, so five calls in four buckets cost two compiles (batch 1, batch >= 2), as with the bf16 cache, and
+    the tokens stay kvquant's."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    alone, fast = models("llama", SPEC.format(bits=4, residual=4))
+    rt = get_runtime(fast)
+    rt._follow_model()  # picks up kvquant's factory (applied after `fast`), which resets the options
+    rt.use_compile = True
+    for seed, (lengths, new) in enumerate([([9], 8), ([300], 6), ([3, 7, 4], 8), ([200] * 5, 4), ([40], 30)]):
+        ids, mask = padded_batch(lengths, seed)
+        assert torch.equal(greedy(fast, ids, mask, new), greedy(alone, ids, mask, new)), lengths
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2
+    assert rt.stats["calls"] == 5 and rt.stats["fallbacks"] == 0 and not rt.warned
+
+
 # --- generate: kvquant+fast == kvquant alone ------------------------------------------------------------------------
 
 CALLS = [([5, 40, 17], 50), ([1], 40), ([3, 1], 33), ([200, 7], 70), ([260, 90, 13, 300], 12), ([30, 2], 45)]

@@ -74,6 +74,7 @@ class QuantStaticLayer(CacheLayerMixin):
         self.keys, self.values = t["kc"], t["vc"]  # what the runtime marks dynamic (batch and capacity)
         self.is_initialized = True
         self.capacity, self.ring = t["kc"].shape[2], t["rk"].shape[2]
+        self.bounded = self.ring < self.capacity  # (a flag, not the capacity: torch.compile guards on what is read)
         # T (padded prompt length), T0 (tokens stored at the first flush), q0 (tokens that flush quantizes)
         self.schedule = torch.zeros(3, dtype=torch.long, device=t["kc"].device)
         self.prefill_rows: slice | None = None  # None: decode mode
@@ -81,10 +82,12 @@ class QuantStaticLayer(CacheLayerMixin):
         self.written = False
 
     def dynamic_dims(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
-        """Tensors whose batch (dim 0) and capacity (dim 2) torch.compile should treat as symbolic."""
-        t = self.t
-        return [(t[n], (0, 2)) for n in ("kc", "vc", "ks", "kz", "vs", "vz")] + [
-            (t[n], (0,)) for n in ("rk", "rv", "channel")]
+        """What torch.compile treats as symbolic: the capacity (and, batch > 1, the batch), so that one compile
+        serves every bucket (the ring's length is min(capacity, window): fixed once the capacity exceeds it)."""
+        t, batched = self.t, self.t["kc"].shape[0] > 1
+        per_slot = [(t[n], (0, 2) if batched else (2,)) for n in ("kc", "vc", "ks", "kz", "vs", "vz")]
+        per_row = [(t[n], (0,)) for n in ("rk", "rv", "channel")] if batched else []
+        return per_slot + per_row + [(self.slot_ids, (0,)), (self.ring_index, (0,))]
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in self.t.values())
@@ -103,7 +106,7 @@ class QuantStaticLayer(CacheLayerMixin):
             self._prefill(key_states, value_states)
             return key_states, value_states
         q = key_states.shape[2]
-        if self.ring < self.capacity and q > SPEC_TOKENS + 1:
+        if self.bounded and q > SPEC_TOKENS + 1:
             raise Unsupported(f"kvquant under 'fast' places at most {SPEC_TOKENS + 1} tokens per forward (got {q})",
                               whole_model=False)
         p = self.slots  # [q] slots of the new tokens (device)
