@@ -278,6 +278,11 @@ def test_eviction_policy_with_kvquant_keeps_the_fallback():
         got = greedy(fast, ids, mask, 30)
     assert torch.equal(got, expected)
     assert get_runtime(fast).stats["calls"] == 0 and not get_runtime(fast).sessions
+    # no KV cache built (use_cache=False): the runtime asks kvquant's factory, which declines while a policy is on
+    expected = greedy(alone, ids, mask, 6, use_cache=False)
+    with pytest.warns(UserWarning, match="eviction policy 'h2o' has no layer for the fast runtime"):
+        got = greedy(fast, ids, mask, 6, use_cache=False)
+    assert torch.equal(got, expected) and get_runtime(fast).stats["fallbacks"] == 1
 
 
 def test_fast_applied_after_the_kv_plugins():
