@@ -59,13 +59,18 @@ class Preset:
     max_needles: int = 2  # per training row
     needle_edge_prob: float = 0.0  # share of training needles placed exactly at the start / end of the row
     # weight of the mean loss over needle-answer tokens, added to the LM loss: answers are ~1 token in 1,000, and
-    # recall needs every one of a value's ~7 tokens copied exactly (0.97 per token gives 0.82 recall). Off: the one
-    # H200 build with 0.5 (953 steps, 2026-11-30) recalled 0.0 of its needles, cause not yet established
+    # recall needs every one of a value's ~7 tokens copied exactly (0.97 per token gives 0.82 recall). Retrieval
+    # appears abruptly (the answer loss leaves its ~3.5-nat guessing plateau); on CPU (scripts/needle_sweep.py,
+    # context 128, 1200 steps) 0.5 brought that on by step ~800 (recall 0.14) while 0 never left the plateau, 1.0
+    # left it later and 2.0 never did (and slowed the LM loss): too large a weight suppresses the circuit.
     answer_weight: float = 0.0
 
 
+# answer_weight 0.5: the one H200 build with it (--minutes 4.3 = 953 steps, 2026-11-30) recalled 0.0, measured only
+# in bf16 by quality_kv (the build's own evaluation was killed); the H100 build without it (1200 steps) 0.82. The
+# card and the progress bar now show the answer loss, so a build that never left the plateau is visible.
 GPU = dict(extra_packages=GPU_EXTRA, eval_tokens=262144, needles_per_depth=10, max_needles=4,
-           needle_edge_prob=0.2)  # answer_weight=0.5 was tried on the H200 (953 steps): needle recall 0.0, see README
+           needle_edge_prob=0.2, answer_weight=0.5)
 PRESETS = {
     "tiny": Preset("llama", 4096, 128, 4, 4, 4, 384, 256, 16, 3e-3, 600, 30, 0.1),
     "small": Preset("llama", 16384, 512, 6, 8, 8, 1408, 2048, 32, 1.5e-3, 3000, 100, 0.5, **GPU),
@@ -103,6 +108,12 @@ def sample_batch(p: Preset, stream: torch.Tensor, tokenizer, rng: random.Random)
     return torch.stack(rows), torch.stack(masks)
 
 
+def next_token_targets(batch: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, answer mask of the targets) of rows of ``context + 1`` tokens: position i of the inputs
+    predicts targets[i] = batch[i + 1], so the answer mask (given on row positions) is shifted with the targets."""
+    return batch[:, :-1], batch[:, 1:], answers[:, 1:]
+
+
 def lr_at(p: Preset, step: int, total: int | None) -> float:
     """Linear warm-up, then cosine decay to 10% (the warm-up does not depend on ``total``)."""
     if step < p.warmup or total is None:
@@ -111,7 +122,8 @@ def lr_at(p: Preset, step: int, total: int | None) -> float:
     return p.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, p: Preset, stream, tokenizer, args) -> dict:
+def train(model, p: Preset, stream, tokenizer, args, on_step=None) -> dict:
+    """Train in place; ``on_step(step, total)`` (optional) runs after every optimizer step (evaluation hooks)."""
     device = torch.device(args.device)
     decay = [w for w in model.parameters() if w.dim() >= 2]
     no_decay = [w for w in model.parameters() if w.dim() < 2]
@@ -120,20 +132,23 @@ def train(model, p: Preset, stream, tokenizer, args) -> dict:
     forward = torch.compile(model) if args.compile else model
     rng = random.Random(args.seed)
     total = args.steps or (None if args.minutes else p.max_steps)
-    losses, t0, cpu0, t_cal = [], time.time(), time.process_time(), None
+    losses, answer_losses, t0, cpu0, t_cal = [], [], time.time(), time.process_time(), None
     bar = tqdm(total=total, desc=f"train {args.model}", unit="step")
     step = 0
     while total is None or step < total:
-        batch, answers = sample_batch(p, stream, tokenizer, rng)
-        batch, answers = batch.to(device), answers[:, 1:].flatten().to(device)
+        inputs, targets, answers = next_token_targets(*sample_batch(p, stream, tokenizer, rng))
+        inputs, targets, answers = inputs.to(device), targets.flatten().to(device), answers.flatten().to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(p, step, total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = forward(input_ids=batch[:, :-1]).logits
-        token_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            logits = forward(input_ids=inputs).logits
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="none")
         loss = token_loss.mean()
-        if p.answer_weight and bool(answers.any()):
-            loss = loss + p.answer_weight * token_loss[answers].mean()
+        if bool(answers.any()):
+            answer_loss = token_loss[answers].mean()
+            answer_losses.append((step, answer_loss.item()))
+            if p.answer_weight:
+                loss = loss + p.answer_weight * answer_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -141,23 +156,41 @@ def train(model, p: Preset, stream, tokenizer, args) -> dict:
         step += 1
         losses.append(token_loss.mean().item())  # the LM loss (without the answer term)
         bar.update()
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        recent = [l for _, l in answer_losses[-20:]]  # needle-answer loss, ~0 once the model retrieves
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"answer": f"{sum(recent) / len(recent):.2f}"} if recent else {}),
+                        refresh=False)
         if step == 5:
             t_cal = time.time()  # steps 1-5 include allocation / compilation; time the rest of warm-up
         if total is None and step == p.warmup:  # fit the schedule to the time budget
             per_step = (time.time() - t_cal) / (step - 5)
             total = max(step + 1, min(p.max_steps, int((args.minutes * 60 - (time.time() - t0)) / per_step) + step))
             bar.total = total
+        if on_step is not None:
+            on_step(step, total)
     bar.close()
     seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     return {"steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-            "tokens_seen": step * p.batch * p.context, "curve": loss_curve(losses)}
+            "tokens_seen": step * p.batch * p.context, "curve": loss_curve(losses),
+            "answer_curve": answer_curve(answer_losses, step)}
 
 
 def loss_curve(losses: list[float], points: int = 10) -> list[tuple[int, float]]:
     """(step, mean loss of the 10 steps up to it) at ~``points`` evenly spaced steps and the last one."""
     steps = sorted({*range(0, len(losses), max(1, len(losses) // points)), len(losses) - 1})
     return [(i + 1, round(sum(losses[max(0, i - 9) : i + 1]) / len(losses[max(0, i - 9) : i + 1]), 3)) for i in steps]
+
+
+def answer_curve(answer_losses: list[tuple[int, float]], steps: int, points: int = 10) -> list[tuple[int, float]]:
+    """(step, mean needle-answer loss over the steps since the previous point) at ~``points`` evenly spaced steps:
+    it falls towards 0 only once the model retrieves; guessing the random characters costs ~3.5 nats a token (tiny
+    tokenizer), and a plateau there means no retrieval circuit has formed yet."""
+    every = max(1, steps // points)
+    out = []
+    for end in sorted({*range(every, steps + 1, every), steps}):
+        window = [l for s, l in answer_losses if end - every <= s < end]
+        if window:
+            out.append((end, round(sum(window) / len(window), 3)))
+    return out
 
 
 def samples(model, tokenizer, n: int = 3) -> list[tuple[str, str]]:
@@ -186,6 +219,10 @@ def write_card(out: Path, name: str, p: Preset, facts: dict, records: list[dict]
         + " (see `hf_accel/quality/needle.py`; the plain corpus does not teach long-range retrieval)."
         if p.needle_fraction else "No synthetic examples."
     )
+    answer_note = (
+        "\n- Needle-answer loss (mean over the steps since the previous point; ~3.5 while guessing, towards 0 once "
+        f"the model retrieves): {', '.join(f'{s}: {l}' for s, l in facts['train']['answer_curve'])}."
+        if facts["train"].get("answer_curve") else "")
     card = f"""---
 library_name: transformers
 tags: [hf_accel, reference-model, code]
@@ -214,7 +251,7 @@ is a yardstick for quality costs (perplexity, greedy agreement, needle recall), 
   tokens ({facts['train']['tokens_seen'] / facts['train_tokens']:.2f} epochs), AdamW (betas 0.9/0.95, wd 0.1),
   peak LR {p.lr}, {p.warmup} warm-up steps, cosine to 10%, grad clip 1.0, seed {facts['seed']}, on {facts['device']}
   ({facts['precision']}), {facts['train']['seconds']} s wall{facts['cpu_note']}. {needle_note}
-- Loss (mean of 10 steps): {', '.join(f'{s}: {l}' for s, l in facts['train']['curve'])}.
+- Loss (mean of 10 steps): {', '.join(f'{s}: {l}' for s, l in facts['train']['curve'])}.{answer_note}
 - Versions: {', '.join(f'{k} {v}' for k, v in ppl['versions'].items() if v)}.
 
 ## Quality (held-out split)
@@ -243,8 +280,11 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other jobs share the cores)")
     ap.add_argument("--tokenizer", type=Path, help="reuse this tokenizer (e.g. base's, for the draft model)")
+    ap.add_argument("--answer-weight", type=float, help="override the preset's answer_weight (0 turns it off)")
     args = ap.parse_args(argv)
     p = PRESETS[args.model]
+    if args.answer_weight is not None:
+        p = dataclasses.replace(p, answer_weight=args.answer_weight)
     command = shlex.join(["python", "scripts/build_reference.py", *(argv or sys.argv[1:])])
     torch.manual_seed(args.seed)
     if args.threads:
