@@ -53,6 +53,16 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
     return ARCHS[arch]().eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (use with `pytest.mark.usefixtures`): on a busy 2-core machine
+    threads only add syncing and contention (10x slower on 16x16 images)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def plugin_doubles():
     """Register the test-only plugins of plugin_doubles.py for one test."""

@@ -35,12 +35,7 @@ from hf_accel.quality.digits_pipeline import DigitsPipeline
 DIGITS = Path(hf_accel.__file__).parent / "quality" / "assets" / "digits"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 # -- tiny models --------------------------------------------------------------------------------------------------

@@ -17,12 +17,7 @@ from hf_accel.plugins.quantization.w8a8_diffusion import W8A8Linear, w8a8_matmul
 from hf_accel.quality.digits_pipeline import DigitsPipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 def quiet_remove(pipe):

@@ -14,13 +14,7 @@ from hf_accel.quality.diffusion import (  # noqa: E402
 from hf_accel.quality.digits_pipeline import DigitsPipeline, digits_dataset  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 16x16 images: intra-op threads cost more in syncing than they save (10x slower on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,7 @@ def prompts(batch: int, seed: int, lengths=None):
     return ids, mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: threads only add contention (and make timings swing on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 def n_generated(out, prompt_len: int, eos: int = 2) -> int:

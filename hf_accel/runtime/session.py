@@ -353,8 +353,9 @@ class Session:
 
     def _decode_step(self, key: StepKey) -> None:
         rt, st = self.rt, self.state
-        logits = rt.forward_fn(self.batch)(rt.model, self.cache, st.tokens, st.positions, st.slot, st.prompt_valid,
-                                 st.prompt_len, rt.window, rt.kind, rt.dtype)
+        step = rt.forward_fn(self.batch)
+        logits = step(rt.model, self.cache, st.tokens, st.positions, st.slot, st.prompt_valid, st.prompt_len,
+                      rt.window, rt.kind, rt.dtype)
         sample_and_record(logits[:, -1].float(), st, key)
 
     def decode(self, key: StepKey) -> None:
@@ -429,8 +430,9 @@ class Session:
         def step():
             slots.copy_(st.slot + offsets)
             pos.copy_(st.positions + offsets)
-            out.copy_(rt.forward_fn(self.batch)(rt.model, self.cache, tok, pos, slots, st.prompt_valid, st.prompt_len,
-                                      rt.window, rt.kind, rt.dtype).float())
+            logits = rt.forward_fn(self.batch)(rt.model, self.cache, tok, pos, slots, st.prompt_valid,
+                                               st.prompt_len, rt.window, rt.kind, rt.dtype)
+            out.copy_(logits.float())
             st.slot.add_(q)
             st.positions.add_(q)
 
