@@ -64,18 +64,32 @@ class Preset:
     # context 128, 1200 steps) 0.5 brought that on by step ~800 (recall 0.14) while 0 never left the plateau, 1.0
     # left it later and 2.0 never did (and slowed the LM loss): too large a weight suppresses the circuit.
     answer_weight: float = 0.0
+    # short-to-long curriculum: the first `short_share` of the steps train on rows of `short_context` tokens (as many
+    # tokens per step: batch * context / short_context rows), so a step holds proportionally more needle examples and
+    # costs less attention; the rest at `context` adapts retrieval to the full distance. 0 = off.
+    short_context: int = 0
+    short_share: float = 0.0
+
+    def phase(self, step: int, total: int) -> "Preset":
+        """The preset that samples step `step` of `total`: the short-context one during the curriculum's first part."""
+        if not self.short_context or step >= self.short_share * total:
+            return self
+        return dataclasses.replace(self, context=self.short_context, batch=self.batch * self.context // self.short_context)
 
 
-# answer_weight 0.5: the one H200 build with it (--minutes 4.3 = 953 steps, 2026-11-30) recalled 0.0, measured only
-# in bf16 by quality_kv (the build's own evaluation was killed); the H100 build without it (1200 steps) 0.82. The
-# card and the progress bar now show the answer loss, so a build that never left the plateau is visible.
+# answer_weight 0.5 at base scale (H200, 2026-12-01, 1300 steps at 4096, no curriculum): the answer loss sat on its
+# plateau (3.8) until step ~950, then fell to 0.42; needle probes 0.0 up to step 800, 0.13 at 1000, 0.73 at 1200,
+# 0.87 at 1300; the build's fp32 evaluation 0.88 (log: benchmarks/results/logs/build_base_h200_2026-12-01_steps1300.log).
+# Retrieval forms after a count of needle examples, so the base preset front-loads them with a short-context
+# curriculum (4x the needle rows per step for the first 60%) instead of more steps, which the 6-minute budget lacks.
 GPU = dict(extra_packages=GPU_EXTRA, eval_tokens=262144, needles_per_depth=10, max_needles=4,
            needle_edge_prob=0.2, answer_weight=0.5)
 PRESETS = {
     "tiny": Preset("llama", 4096, 128, 4, 4, 4, 384, 256, 16, 3e-3, 600, 30, 0.1),
     "small": Preset("llama", 16384, 512, 6, 8, 8, 1408, 2048, 32, 1.5e-3, 3000, 100, 0.5, **GPU),
     "qwen2-small": Preset("qwen2", 16384, 512, 6, 8, 2, 1408, 2048, 32, 1.5e-3, 3000, 100, 0.5, **GPU),
-    "base": Preset("llama", 16384, 768, 12, 12, 4, 3072, 4096, 16, 8e-4, 1200, 100, 0.5, **GPU),
+    "base": Preset("llama", 16384, 768, 12, 12, 4, 3072, 4096, 16, 8e-4, 1600, 100, 0.5, **GPU,
+                   short_context=1024, short_share=0.6),
     "draft": Preset("llama", 16384, 256, 4, 4, 2, 768, 4096, 16, 2e-3, 3000, 100, 0.5, **GPU),
 }
 
@@ -132,11 +146,14 @@ def train(model, p: Preset, stream, tokenizer, args, on_step=None) -> dict:
     forward = torch.compile(model) if args.compile else model
     rng = random.Random(args.seed)
     total = args.steps or (None if args.minutes else p.max_steps)
+    if total is None and p.short_context:
+        raise SystemExit(f"{args.model}: a short-to-long curriculum needs the step count up front: pass --steps "
+                         "(--minutes would time the cheaper short-context steps only)")
     losses, answer_losses, t0, cpu0, t_cal = [], [], time.time(), time.process_time(), None
     bar = tqdm(total=total, desc=f"train {args.model}", unit="step")
     step = 0
     while total is None or step < total:
-        inputs, targets, answers = next_token_targets(*sample_batch(p, stream, tokenizer, rng))
+        inputs, targets, answers = next_token_targets(*sample_batch(p.phase(step, total), stream, tokenizer, rng))
         inputs, targets, answers = inputs.to(device), targets.flatten().to(device), answers.flatten().to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(p, step, total)
@@ -223,6 +240,11 @@ def write_card(out: Path, name: str, p: Preset, facts: dict, records: list[dict]
         "\n- Needle-answer loss (mean over the steps since the previous point; ~3.5 while guessing, towards 0 once "
         f"the model retrieves): {', '.join(f'{s}: {l}' for s, l in facts['train']['answer_curve'])}."
         if facts["train"].get("answer_curve") else "")
+    if facts["train"].get("needle_probes"):
+        answer_note += ("\n- Needle recall during training (15 prompts, bf16, `--probe-every`): "
+                        + ", ".join(f"{s}: {r:.2f}" for s, r in facts["train"]["needle_probes"]) + ".")
+    curriculum = (f", the first {p.short_share:.0%} of the steps as {p.batch * p.context // p.short_context} x "
+                  f"{p.short_context}-token rows (short-to-long curriculum)" if p.short_context else "")
     card = f"""---
 library_name: transformers
 tags: [hf_accel, reference-model, code]
@@ -248,7 +270,7 @@ is a yardstick for quality costs (perplexity, greedy agreement, needle recall), 
 - **Model**: hidden {p.hidden}, {p.layers} layers, {p.heads} heads ({p.kv_heads} KV), FFN {p.ffn}, context
   {p.context}, tied embeddings. Weights stored as {facts['save_dtype']}.
 - **Training**: {facts['train']['steps']} steps x {p.batch} x {p.context} tokens = {facts['train']['tokens_seen']:,}
-  tokens ({facts['train']['tokens_seen'] / facts['train_tokens']:.2f} epochs), AdamW (betas 0.9/0.95, wd 0.1),
+  tokens{curriculum} ({facts['train']['tokens_seen'] / facts['train_tokens']:.2f} epochs), AdamW (betas 0.9/0.95, wd 0.1),
   peak LR {p.lr}, {p.warmup} warm-up steps, cosine to 10%, grad clip 1.0, seed {facts['seed']}, on {facts['device']}
   ({facts['precision']}), {facts['train']['seconds']} s wall{facts['cpu_note']}. {needle_note}
 - Loss (mean of 10 steps): {', '.join(f'{s}: {l}' for s, l in facts['train']['curve'])}.{answer_note}
@@ -269,6 +291,21 @@ Raw records: `build_records.json`.
     (out / "README.md").write_text(card)
 
 
+def needle_probe(model, tokenizer, every: int, probes: list):
+    """An ``on_step`` hook: every ``every`` steps, needle recall on 15 prompts (3 depths, bf16 autocast, ~2 s on a
+    GPU), printed and appended to ``probes`` -- shows when retrieval forms, before the build's full evaluation."""
+    def on_step(step: int, total: int | None) -> None:
+        if step % every and step != total:
+            return
+        model.eval()
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+            r = needle_recall(model, tokenizer, depths=(0.1, 0.5, 0.9), n_per_depth=5, batch_size=15, seed=1)
+        model.train()
+        probes.append((step, r["value"]))
+        print(f"\nneedle probe at step {step}: recall {r['value']:.2f} {r['params']['by_depth']}", file=sys.stderr)
+    return on_step
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=sorted(PRESETS))
@@ -280,6 +317,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other jobs share the cores)")
     ap.add_argument("--tokenizer", type=Path, help="reuse this tokenizer (e.g. base's, for the draft model)")
+    ap.add_argument("--probe-every", type=int, help="quick needle recall every N training steps (and at the end)")
     ap.add_argument("--answer-weight", type=float, help="override the preset's answer_weight (0 turns it off)")
     args = ap.parse_args(argv)
     p = PRESETS[args.model]
@@ -302,7 +340,11 @@ def main(argv=None) -> None:
     model = make_model(p, tokenizer).to(args.device)
     n_params = sum(w.numel() for w in model.parameters())
     print(f"{args.model}: {n_params:,} parameters", file=sys.stderr)
-    stats = train(model, p, stream, tokenizer, args)
+    probes: list[tuple[int, float]] = []
+    stats = train(model, p, stream, tokenizer, args,
+                  on_step=needle_probe(model, tokenizer, args.probe_every, probes) if args.probe_every else None)
+    if probes:
+        stats["needle_probes"] = probes
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -90,3 +90,17 @@ def test_training_tail_tokenizes_like_the_evaluation_prompt(tok, stream):
         assert torch.equal(line[len(line) - len(answer):], answer)  # `... = '` + same value tokens + `'\n`
     prompt = _haystack_prompt(tok, stream, random.Random(1), 500, [n], [0.5], n)
     assert prompt.shape == (500,) and torch.equal(prompt[-len(q):], _encode(tok, n.query))
+
+
+def test_curriculum_samples_short_rows_first_with_the_same_tokens_per_step(tok, stream):
+    """The short-to-long curriculum: the first `short_share` of the steps sample rows of `short_context` tokens,
+    as many tokens per step as the full-context rows, then the preset's own context."""
+    br = _build_reference()
+    p = dataclasses.replace(br.PRESETS["tiny"], context=512, batch=2, short_context=128, short_share=0.5)
+    rng = random.Random(0)
+    shapes = [br.sample_batch(p.phase(step, 10), stream, tok, rng)[0].shape for step in range(10)]
+    assert shapes[:5] == [torch.Size([8, 129])] * 5  # 2 * 512 / 128 rows of short_context + 1 (shifted targets)
+    assert shapes[5:] == [torch.Size([2, 513])] * 5
+    assert br.PRESETS["tiny"].phase(0, 10) is br.PRESETS["tiny"]  # no curriculum: the preset itself
+    base = br.PRESETS["base"]
+    assert base.phase(0, 1500).batch * base.phase(0, 1500).context == base.batch * base.context
