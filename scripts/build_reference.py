@@ -88,7 +88,7 @@ PRESETS = {
     "tiny": Preset("llama", 4096, 128, 4, 4, 4, 384, 256, 16, 3e-3, 600, 30, 0.1),
     "small": Preset("llama", 16384, 512, 6, 8, 8, 1408, 2048, 32, 1.5e-3, 3000, 100, 0.5, **GPU),
     "qwen2-small": Preset("qwen2", 16384, 512, 6, 8, 2, 1408, 2048, 32, 1.5e-3, 3000, 100, 0.5, **GPU),
-    "base": Preset("llama", 16384, 768, 12, 12, 4, 3072, 4096, 16, 8e-4, 1600, 100, 0.5, **GPU,
+    "base": Preset("llama", 16384, 768, 12, 12, 4, 3072, 4096, 16, 8e-4, 1500, 100, 0.5, **GPU,
                    short_context=1024, short_share=0.6),
     "draft": Preset("llama", 16384, 256, 4, 4, 2, 768, 4096, 16, 2e-3, 3000, 100, 0.5, **GPU),
 }
@@ -333,7 +333,9 @@ def main(argv=None) -> None:
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
-        tokenizer = train_tokenizer(iter_texts("train", p.extra_packages), p.vocab)
+        # a qwen2 checkpoint's tokenizer is reloaded as Qwen2Tokenizer: train it with that class's pipeline
+        tokenizer = train_tokenizer(iter_texts("train", p.extra_packages), p.vocab,
+                                    style="qwen2" if p.arch == "qwen2" else "gpt2")
     stream = token_stream(tokenizer, "train", extra_packages=p.extra_packages)
     print(f"train stream: {len(stream):,} tokens", file=sys.stderr)
 
@@ -352,7 +354,11 @@ def main(argv=None) -> None:
     tokenizer.save_pretrained(args.out)
 
     # Measure the saved artifact, exactly as users load it.
-    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    trained, tokenizer = tokenizer, AutoTokenizer.from_pretrained(args.out)
+    probe = tokenizer.decode(stream[:4096])
+    if tokenizer(probe)["input_ids"] != trained(probe)["input_ids"] or len(tokenizer) != len(trained):
+        raise SystemExit(f"{args.out}: the saved tokenizer reloads through AutoTokenizer as {type(tokenizer).__name__}, "
+                         "which tokenizes differently from the trained one; the evaluation would be meaningless")
     model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).to(args.device).eval()
     model.config.name_or_path = f"reference/{args.model}"
     records = [perplexity(model, tokenizer, max_tokens=p.eval_tokens)]

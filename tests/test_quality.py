@@ -49,6 +49,29 @@ def test_tokenizer_round_trips_code(tiny):
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
 
 
+@pytest.mark.parametrize("config_cls", ["LlamaConfig", "Qwen2Config"])
+def test_saved_tokenizer_reloads_through_auto_tokenizer_unchanged(tmp_path, config_cls):
+    """transformers 5 loads a `qwen2` checkpoint's tokenizer as Qwen2Tokenizer whatever tokenizer_config.json says
+    (it rebuilds NFC + Qwen2's split regex + an <|endoftext|> token): the qwen2-style tokenizer must survive that,
+    or a reference model is evaluated on tokens it was not trained on (seen on the H200: qwen2-small's held-out
+    perplexity 52.6 and unigram baseline 650 against Llama small's 18.7 and 929, same corpus)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from hf_accel.quality import iter_texts, train_tokenizer
+
+    texts = [t for _, t in zip(range(40), iter_texts("train"))]
+    style = "qwen2" if config_cls == "Qwen2Config" else "gpt2"
+    tok = train_tokenizer(texts, 600, style=style)
+    tok.save_pretrained(tmp_path)
+    getattr(transformers, config_cls)(vocab_size=len(tok)).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    sample = "".join(texts[:3])[:20000] + "\n\tif x:  # héllo ✓ Ｆｕｌｌ e\u0301\r\n    return {'a': [1, 2]}  \n"
+    assert len(loaded) == len(tok)
+    assert loaded(sample)["input_ids"] == tok(sample)["input_ids"]
+    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+
+
 def test_tiny_perplexity_far_below_unigram(tiny):
     model, tok = tiny
     ppl = perplexity(model, tok, max_tokens=PPL_TOKENS)
