@@ -27,7 +27,10 @@ that later replaces a weight tensor (not `copy_` into it) must call `hf_accel.ru
    factory `(layer_idx, batch, capacity, kv_heads, head_dim, dtype, device) -> layer`, where a layer behaves like
    `StaticKVLayer`: `update(k, v)` writes the prompt into rows `layer.prefill_rows`, slots [0, T) and returns
    what attention should read for the prompt; in decode (`prefill_rows is None`) it writes the new K/V at the
-   device tensor `layer.slots` and returns [batch, kv_heads, capacity, head_dim] tensors (e.g. dequantised views).
+   device tensor `layer.slots` and returns [batch, kv_heads, capacity, head_dim] tensors (e.g. dequantised views),
+   or, only when the model's attention is "sdpa" (then served by `fast_sdpa`), one object as both keys and values
+   with `attend(query, mask, scale) -> [batch, Q, heads, head_dim]` (capturable) and `materialize() -> (keys,
+   values)`: attention over the layer's own storage without a full-capacity copy (kvquant's Triton kernel).
    The runtime masks every slot that is not a real prompt token or an already generated one; slots not yet written
    must still read as finite numbers. The factory is called once per layer and bucket (the runtime's bf16 pool is
    then not allocated); it may raise `Unsupported(..., whole_model=False)` to send a call to transformers' loop.

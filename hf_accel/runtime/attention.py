@@ -4,7 +4,10 @@ transformers' SDPA path repeats K/V per query head under torch.compile (`repeat_
 that copies the whole cache every step (4x for Llama-3). `fast_sdpa` instead folds the query heads of a group onto
 their KV head ([B, Hq, Q, D] -> [B, Hkv, G*Q, D]), which is exact and reads the cache once. It is registered as
 the attention implementation "hf_accel_sdpa" and used only inside the runtime's own forwards (`use_fast_attention`);
-anything it is not made for (long queries: the prefill) goes to transformers' `sdpa_attention_forward`.
+anything it is not made for (long queries: the prefill) goes to transformers' `sdpa_attention_forward`. A KV
+layer may hand it, instead of K/V tensors, a view with `attend(query, mask, scale)` (its own attention over its own
+storage, e.g. kvquant's codes read by a Triton kernel) and `materialize()` (the K/V tensors, for calls `attend`
+does not serve); see contract point 2 in __init__.
 
 Masks are always 4-D here (transformers then skips its own mask code) or None for an unpadded causal prefill, which
 lets SDPA take its flash kernel.
@@ -29,6 +32,11 @@ _decode_attention = "matmul"
 
 
 def fast_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    if not isinstance(key, torch.Tensor):  # a KV layer's decode view over its own storage (contract point 2)
+        if attention_mask is not None and attention_mask.dim() == 4 and not dropout and kwargs.get("softcap") is None:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return key.attend(query, attention_mask, scale), None
+        key, value = key.materialize()
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
     if attention_mask is None or attention_mask.dim() != 4 or q_len > 64 or kwargs.get("softcap") is not None:

@@ -32,6 +32,17 @@ torch.compile the dequantisation and the ring select are elementwise and fuse in
 
 The one case where the channel scale cannot be taken at the prefill is residual = 0 with a one-token prompt (the
 first flush takes tokens 0 and 1): then the first decode step takes it from the ring and re-quantizes slots 0 and 1.
+
+Reading the codes (`kvquant(kernel=...)`). Dequantised full-capacity K/V cost more bandwidth than the bf16 cache they
+replace (read the codes, write bf16 K/V, read them again in attention), so on CUDA a decode step's `update` returns
+no tensors but a `QuantKV` view (the layer and this step's boundary `qlen`) as both keys and values, and the
+runtime's attention (`fast_sdpa`, contract point 2) calls `view.attend(query, mask, scale)`: the Triton kernel
+`hf_accel.kernels.kvquant_attention` reads codes, scales and ring in place, each cached token once. Nothing of
+capacity size is written per step besides the new tokens' codes. The view is used only when the model's attention is
+"sdpa" (served by `fast_sdpa`, which knows it); with any other attention, or `kernel='torch'`, or a head_dim / group
+the kernel does not read, `update` returns the dequantised tensors as before. On the CPU `auto` keeps the dequantised
+path; `kernel='triton'` takes the view there too (the op then runs its torch reference, or the kernel under
+TRITON_INTERPRET=1), which is how the CPU tests check the plumbing.
 """
 
 from __future__ import annotations
@@ -41,7 +52,9 @@ import weakref
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from hf_accel.kernels.kvquant_attention import kernel_supported, kvquant_decode_attention
 from hf_accel.runtime import Unsupported
+from hf_accel.runtime.attention import mask_kind
 
 from ._layers import FLUSH_EVERY, QUANT_CHUNK, dequantize, quantize
 
@@ -60,6 +73,25 @@ def channel_scale(k: torch.Tensor) -> torch.Tensor:
     return k.float().abs().amax(dim=-2, keepdim=True).clamp(min=1e-4).to(k.dtype)
 
 
+class QuantKV:
+    """What a decode step's `update` returns, as keys and as values, when attention reads the codes: the layer's
+    storage and this step's flush boundary `qlen` (slots [0, qlen) read the codes, the others the ring). A plain
+    object, created inside the compiled step; only `fast_sdpa` receives it (see the module docstring)."""
+
+    def __init__(self, layer: "QuantStaticLayer", qlen: torch.Tensor):
+        self.layer, self.qlen = layer, qlen
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """[B, Q, Hq, D]: attention of `query` [B, Hq, Q, D] under the runtime's 4-D mask, in one op."""
+        t, layer = self.layer.t, self.layer
+        return kvquant_decode_attention(query, t["kc"], t["ks"], t["kz"], t["vc"], t["vs"], t["vz"], t["channel"],
+                                        t["rk"], t["rv"], self.qlen, mask, scale, layer.bits, layer.group)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dequantised full-capacity K/V (for an attention call the kernel does not serve)."""
+        return self.layer.dequantized(self.qlen)
+
+
 class QuantStaticLayer(CacheLayerMixin):
     """One decoder layer's quantized K/V for the fast runtime (`StaticKVLayer`'s interface)."""
 
@@ -67,9 +99,10 @@ class QuantStaticLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, t: dict[str, torch.Tensor], bits: int, group: int, residual: int, slot_ids: torch.Tensor,
-                 ring_index: torch.Tensor):
+                 ring_index: torch.Tensor, reads_codes: bool = False):
         super().__init__()
         self.t, self.bits, self.group, self.residual = t, bits, group, residual
+        self.reads_codes = reads_codes  # decode returns a `QuantKV` view instead of dequantised tensors
         self.slot_ids, self.ring_index = slot_ids, ring_index  # arange(C), arange(C) % W
         self.keys, self.values = t["kc"], t["vc"]  # what the runtime marks dynamic (batch and capacity)
         self.is_initialized = True
@@ -125,8 +158,18 @@ class QuantStaticLayer(CacheLayerMixin):
             old = self._codes(t["rk"][:, :, :2], t["rv"][:, :, :2], channel)
             for name, x in old.items():
                 t[name][:, :, :2].copy_(torch.where(first, x, t[name][:, :, :2]))
-        quantized = (self.slot_ids < qlen(p0, t0, q0))[:, None]  # [C, 1]: slots read from the codes
-        keys = dequantize(t["kc"], t["ks"], t["kz"], self.bits, self.group) * channel
+        boundary = qlen(p0, t0, q0)
+        if self.reads_codes:  # attention reads codes and ring in place: nothing of capacity size is written
+            view = QuantKV(self, boundary)
+            return view, view
+        return self.dequantized(boundary)
+
+    def dequantized(self, boundary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-capacity K/V as `KVLayer` hands them to attention: slots before `boundary` dequantised, the others
+        from the ring."""
+        t = self.t
+        quantized = (self.slot_ids < boundary)[:, None]  # [C, 1]: slots read from the codes
+        keys = dequantize(t["kc"], t["ks"], t["kz"], self.bits, self.group) * t["channel"]
         values = dequantize(t["vc"], t["vs"], t["vz"], self.bits, self.group)
         keys = torch.where(quantized, keys, t["rk"].index_select(2, self.ring_index))
         values = torch.where(quantized, values, t["rv"].index_select(2, self.ring_index))
@@ -169,15 +212,24 @@ class QuantLayerFactory:
     one flat storage per layer and field that grows only when a larger bucket needs it, so buckets share memory; the
     runtime calls `release()` when it drops its sessions (a larger bucket, `invalidate`, a moved model)."""
 
-    def __init__(self, bits: int, group: int, residual: int, model):
-        self.bits, self.group, self.residual = bits, group, residual
+    def __init__(self, bits: int, group: int, residual: int, model, kernel: str = "auto"):
+        self.bits, self.group, self.residual, self.kernel = bits, group, residual, kernel
         self.model = weakref.ref(model)  # asked for its eviction policy at each call (one may be applied later)
         self.storage: dict[tuple[int, str], torch.Tensor] = {}
         self.indices: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __deepcopy__(self, memo):  # a deep-copied model gets a factory of its own, with no storage
         model = self.model()
-        return QuantLayerFactory(self.bits, self.group, self.residual, memo.get(id(model), model))
+        return QuantLayerFactory(self.bits, self.group, self.residual, memo.get(id(model), model), self.kernel)
+
+    def reads_codes(self, head_dim: int, device) -> bool:
+        """Whether decode steps hand attention a `QuantKV` view (the kernel path, see the module docstring)."""
+        model = self.model()
+        if self.kernel == "torch" or model is None or mask_kind(model) != "fast":
+            return False  # only `fast_sdpa` (the runtime's attention for "sdpa" models) knows the view
+        if self.kernel == "triton":
+            return True
+        return torch.device(device).type == "cuda" and kernel_supported(head_dim, self.bits, self.group)
 
     def __call__(self, layer_idx: int, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype, device):
         from ._generate import POLICY_ATTR
@@ -201,7 +253,8 @@ class QuantLayerFactory:
         if key not in self.indices:
             slots = torch.arange(capacity, device=device)
             self.indices[key] = (slots, slots % ring)
-        return QuantStaticLayer(t, self.bits, self.group, self.residual, *self.indices[key])
+        return QuantStaticLayer(t, self.bits, self.group, self.residual, *self.indices[key],
+                                reads_codes=self.reads_codes(head_dim, device))
 
     def _view(self, layer_idx: int, name: str, shape: tuple, dtype, device) -> torch.Tensor:
         need = shape[0] * shape[1] * shape[2] * shape[3]

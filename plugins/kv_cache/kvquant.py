@@ -11,7 +11,11 @@ With the `fast` runtime (`kvquant+fast`), the same quantization runs inside the 
 apply() installs `_fast.QuantLayerFactory` as the model's `_hf_accel_kv_layer`, whose static-capacity layers hold
 the codes for the whole capacity plus a small full-precision ring, and the cache this plugin's generate wrapper
 builds tells the runtime it may serve the call (`KVCache.runtime_servable`). Combined with an eviction policy, the
-runtime cannot serve it and transformers' loop runs, as before.
+runtime cannot serve it and transformers' loop runs, as before. `kernel` picks how those layers' decode attention
+reads the cache: 'auto' = on CUDA a Triton kernel reads the codes in place (`hf_accel.kernels.kvquant_attention`;
+a dequantised copy would cost more bandwidth than a bf16 cache), elsewhere the codes are dequantised; 'torch' =
+always dequantise; 'triton' = the kernel's op everywhere (on the CPU its torch reference, or the kernel under
+TRITON_INTERPRET=1). It changes nothing in transformers' loop.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class KVQuant(KVPlugin):
     bits: Literal[8, 4, 2] = 4
     group: int = 32  # channels sharing one scale and minimum
     residual: int = 128  # most recent tokens kept in full precision
+    kernel: Literal["auto", "torch", "triton"] = "auto"  # kvquant+fast decode attention: see the module docstring
 
     def __post_init__(self):
         if self.group < 2 or self.group % 2 or self.residual < 0:
@@ -55,7 +60,7 @@ class KVQuant(KVPlugin):
 
     def apply(self, model, patcher):
         super().apply(model, patcher)
-        patcher.set_attr(model, KV_LAYER_ATTR, QuantLayerFactory(self.bits, self.group, self.residual, model))
+        patcher.set_attr(model, KV_LAYER_ATTR, QuantLayerFactory(self.bits, self.group, self.residual, model, self.kernel))
 
     def card_metadata(self, model):
         return {"kv_bits": self.bits, "kv_group": self.group, "kv_residual": self.residual}
