@@ -100,13 +100,14 @@ def use_fast_attention(model, decode_attention: str = "matmul"):
 def decode_mask(prompt_valid, prompt_len, slots, window: int | None, kind: str, dtype):
     """[B, 1, Q, C]: key j is visible to query q (in slot slots[q]) if it is a real prompt token, or generated and not
     after q; within `window` slots of q for sliding-window models. For `fast_sdpa` the mask is additive, built once
-    per step: SDPA would otherwise convert a bool mask to a float bias again in every layer."""
+    per step: SDPA would otherwise convert a bool mask to a float bias again in every layer. `slots` is [Q] (all
+    rows) or [B, Q] (a speculative session's per-row slots: a row's rejected drafts lie after its own queries)."""
     c = prompt_valid.shape[1]
     j = torch.arange(c, device=prompt_valid.device)
-    q_slot = slots[:, None]  # [Q, 1]
-    mask = prompt_valid[:, None, :] | ((j >= prompt_len) & (j <= q_slot))[None]
+    q_slot = slots[..., None]  # [Q, 1] or [B, Q, 1]
+    mask = prompt_valid[:, None, :] | ((j >= prompt_len) & (j <= q_slot))
     if window:
-        mask = mask & (j > q_slot - window)[None]
+        mask = mask & (j > q_slot - window)
     return as_kind(mask[:, None], "additive" if kind == "fast" else kind, dtype)
 
 

@@ -4,7 +4,8 @@ A transformers attention module calls `past_key_values.update(k, v, layer_idx)`;
 
 - prefill (eager, once per call): write the prompt's K/V into rows `rows`, slots [0, T), and return them as given,
   so the prompt attends only to itself (T x T, flash when unpadded);
-- decode (captured): `index_copy_` the new K/V at the device-side slot indices `slots` and return the whole buffers.
+- decode (captured): `index_copy_` the new K/V at the device-side slot indices `slots` and return the whole buffers
+  (`slots` [Q] is shared by all rows; a speculative session's per-row slots [B, Q] are scattered row by row).
   The runtime's mask hides every slot that is not yet written, so nothing here depends on a host-side length.
 
 All layers of all (batch, capacity) buckets are views into one `KVPool` per runtime, so a new bucket costs no memory
@@ -34,6 +35,7 @@ class StaticKVLayer(CacheLayerMixin):
 
     is_compileable = True
     is_sliding = False
+    per_row_slots = True  # decode also takes slots [B, Q], one row each (a speculative session, `Runtime.start`)
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
@@ -57,8 +59,13 @@ class StaticKVLayer(CacheLayerMixin):
             self.values[self.prefill_rows, :, :n].copy_(value_states)
             self.written = True
             return key_states, value_states
-        self.keys.index_copy_(2, self.slots, key_states)
-        self.values.index_copy_(2, self.slots, value_states)
+        if self.slots.dim() == 2:  # per-row slots [B, Q]
+            index = self.slots[:, None, :, None]
+            self.keys.scatter_(2, index.expand_as(key_states), key_states)
+            self.values.scatter_(2, index.expand_as(value_states), value_states)
+        else:
+            self.keys.index_copy_(2, self.slots, key_states)
+            self.values.index_copy_(2, self.slots, value_states)
         return self.keys, self.values
 
     def get_seq_length(self, *args, **kwargs) -> int:  # only asked when position_ids are missing; we always pass them

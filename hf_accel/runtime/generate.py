@@ -32,6 +32,8 @@ from .session import Runtime, bucket_capacity, sample_and_record
 _PASS_THROUGH = ("custom_generate", "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit",
                  "past_key_values", "cache", "inputs_embeds", "synced_gpus", "prefix_allowed_tokens_fn", "negative_prompt_ids",
                  "logits_processor", "stopping_criteria", "token_healing")
+# set on a `custom_generate` callable that runs its own loop on this runtime (contract point 4)
+USES_RUNTIME = "hf_accel_uses_runtime"
 # model kwargs that the loop understands (everything else, e.g. pixel_values, falls back)
 _KNOWN_MODEL_KWARGS = {"attention_mask", "position_ids", "past_key_values", "cache", "use_cache", "logits_to_keep",
                        "cache_position", "output_attentions", "output_hidden_states"}
@@ -42,6 +44,8 @@ def wrap_generate(model, runtime: Runtime, original):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
+        if getattr(kwargs.get("custom_generate"), USES_RUNTIME, False):  # a loop that drives this runtime itself
+            return original(*args, **kwargs)  # (speculative decoding, contract point 4): hand it over quietly
         # a flag set to False (`synced_gpus=False`, as a tensor-parallel caller passes) hands nothing over; nor does
         # a KV plugin's empty cache that its `_hf_accel_kv_layer` layers serve here (`runtime_servable`, contract 2)
         passing = [k for k in _PASS_THROUGH if kwargs.get(k) is not None and kwargs[k] is not False

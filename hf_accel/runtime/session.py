@@ -50,6 +50,7 @@ class State:
         self.prompt_valid = torch.zeros(b, c, **boolean)  # real (non-padding) prompt slots
         self.prompt_len = torch.zeros(1, **long)  # T (padded prompt length)
         self.slot = torch.zeros(1, **long)  # KV slot of the next input token
+        self.row_slot = torch.zeros(b, 1, **long)  # the same per row, for a per-row session (`Runtime.start`)
         self.positions = torch.zeros(b, 1, **long)  # position id of the next input token
         self.tokens = torch.zeros(b, 1, **long)  # the next input token
         self.done = torch.zeros(b, **boolean)
@@ -128,6 +129,9 @@ class Runtime:
                  lookahead: int = 2, decode_attention: str = "matmul", tune: bool = True):
         self.model = model
         self.options = {"compile": compile, "cuda_graphs": cuda_graphs}
+        self.init_options = dict(compile=compile, cuda_graphs=cuda_graphs, prefill_tokens=prefill_tokens,
+                                 lookahead=lookahead, decode_attention=decode_attention, tune=tune)
+        self.companions: dict[int, Runtime] = {}  # id(model) -> runtime of a model that runs next to this one
         self.decode_attention = decode_attention  # see hf_accel.runtime.attention
         # inductor's coordinate-descent tuning, batch 1 only: it turns the batch-1 matmuls into fast GEMVs (longer first
         # compile); with a symbolic batch it only slows the compile down (a bs-8 compile outran 260 s on the H200)
@@ -242,17 +246,36 @@ class Runtime:
             self.sessions[key] = Session(self, *key)
         return self.sessions[key]
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256):
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
+              *, per_row: bool = False):
         """Prefill a prompt for a caller that runs its own loop (speculative decoding): returns (session, logits of
-        the last prompt position [B, V]); the session's next `forward` places its tokens right after the prompt."""
+        the last prompt position [B, V]); the session's next `forward` places its tokens right after the prompt.
+
+        `per_row=True` (matters for batch > 1): every row keeps its own next slot, so `rewind` takes one count per
+        row and rows that accepted different numbers of drafts stay exact. The layers then get per-row slots [B, Q];
+        `StaticKVLayer` takes them, a KV plugin's layer says so with `per_row_slots = True` (else Unsupported)."""
         n, t = input_ids.shape
         capacity = bucket_capacity(t + max_new_tokens)
         self.check(capacity)
         session = self.session(n, capacity)
+        session.per_row = per_row and session.batch > 1  # one row: the shared slot is that row's slot
+        if session.per_row and not all(getattr(layer, "per_row_slots", False) for layer in session.cache.layers):
+            raise Unsupported("the KV layers take one slot index for all rows (no `per_row_slots`), so rows cannot "
+                              "keep different lengths", whole_model=False)
         logits = session.prefill(input_ids, attention_mask)
-        session.state.slot.add_(1)
-        session.state.positions.add_(1)
+        st = session.state
+        st.slot.add_(1)
+        st.positions.add_(1)
+        st.row_slot.copy_(st.slot.expand_as(st.row_slot))
         return session, logits[:n]
+
+    def companion(self, model) -> "Runtime":
+        """A runtime with this one's options for another model that decodes next to this one (a speculative
+        draft); kept with this runtime and released with it, so `hf_accel.remove` drops it too."""
+        runtime = self.companions.get(id(model))
+        if runtime is None:  # it holds `model`, so the id cannot be reused while the entry lives
+            runtime = self.companions[id(model)] = Runtime(model, **self.init_options)
+        return runtime
 
     def _drop_graphs(self) -> None:
         """Forget every session and its graphs. Later captures go to a new private memory pool: capturing into a
@@ -267,6 +290,8 @@ class Runtime:
         self._drop_graphs()
         self._release_factory()
         self.pool.k, self.pool.v, self.pool.tokens = [], [], 0
+        for runtime in self.companions.values():
+            runtime.release()
 
 
 class Session:
@@ -283,8 +308,9 @@ class Session:
         self.cache = KVCache(layers)
         self.state = State(batch, capacity, rt.vocab, rt.device)
         self.graphs: dict[tuple, object] = {}
-        self.verify_buffers: dict[int, tuple] = {}
+        self.verify_buffers: dict[tuple[int, bool], tuple] = {}
         self.n_rows = 0
+        self.per_row = False  # set by `Runtime.start`: forward places each row at its own slots
 
     # -- running a function eagerly, or capturing it once and replaying ----------------------------------------------
 
@@ -412,43 +438,60 @@ class Session:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, Q, V] (float32) of Q tokens placed at the next Q slots; advances slot and positions by Q.
-        Captured once per Q. The returned buffer is overwritten by the next call with the same Q."""
+        """Logits [batch, Q, V] (float32) of Q tokens placed at the next Q slots of every row; advances slots and
+        positions by Q. Captured once per Q. The returned buffer is overwritten by the next call with the same Q."""
         rt, st = self.rt, self.state
-        q = tokens.shape[1]
-        if q not in self.verify_buffers:
-            self.verify_buffers[q] = (
+        q, per_row = tokens.shape[1], self.per_row
+        if (q, per_row) not in self.verify_buffers:
+            self.verify_buffers[q, per_row] = (
                 torch.zeros(self.batch, q, dtype=torch.long, device=rt.device),
-                torch.zeros(q, dtype=torch.long, device=rt.device),
+                torch.zeros((self.batch, q) if per_row else (q,), dtype=torch.long, device=rt.device),
                 torch.zeros(self.batch, q, dtype=torch.long, device=rt.device),
                 torch.zeros(self.batch, q, rt.vocab, dtype=torch.float32, device=rt.device),
             )
-        tok, slots, pos, out = self.verify_buffers[q]
+        tok, slots, pos, out = self.verify_buffers[q, per_row]
         tok[: tokens.shape[0]].copy_(tokens)
         offsets = torch.arange(q, device=rt.device)
+        next_slot = st.row_slot if per_row else st.slot  # [B, 1] or [1]
 
         def step():
-            slots.copy_(st.slot + offsets)
-            pos.copy_(st.positions + offsets)
+            slots.copy_(next_slot + offsets)
+            # a rewound slot may be a left pad (masked key, position -1): absolute position tables need >= 0
+            pos.copy_((st.positions + offsets).clamp_min(0))
             logits = rt.forward_fn(self.batch)(rt.model, self.cache, tok, pos, slots, st.prompt_valid,
                                                st.prompt_len, rt.window, rt.kind, rt.dtype)
             out.copy_(logits.float())
-            st.slot.add_(q)
+            next_slot.add_(q)
             st.positions.add_(q)
 
+        key = ("forward", q, per_row)
         self.cache.set_slots(slots)
-        if ("forward", q) not in self.graphs and rt.use_graphs:  # warm-up runs advance the state: put it back
-            saved = st.slot.clone(), st.positions.clone()
-            self._capture(("forward", q), step)
-            st.slot.copy_(saved[0])
+        if key not in self.graphs and rt.use_graphs:  # warm-up runs advance the state: put it back
+            saved = next_slot.clone(), st.positions.clone()
+            self._capture(key, step)
+            next_slot.copy_(saved[0])
             st.positions.copy_(saved[1])
-        self._run(("forward", q), step)
+        self._run(key, step)
         return out
 
-    def rewind(self, n: int) -> None:
-        """Forget the last n tokens (their slots are masked from now on and overwritten by the next ones)."""
-        self.state.slot.sub_(n)
-        self.state.positions.sub_(n)
+    def rewind(self, n: int | torch.Tensor) -> None:
+        """Forget the last n tokens (their slots are masked from now on and overwritten by the next ones). `n`: an
+        int, or a LongTensor with one count per row (device; a `per_row` session, or batch 1): no host sync."""
+        st = self.state
+        if not isinstance(n, torch.Tensor):
+            (st.row_slot if self.per_row else st.slot).sub_(n)
+            st.positions.sub_(n)
+            return
+        n = n.reshape(-1, 1).to(st.slot.device)
+        if n.shape[0] < self.batch:  # rows that only fill the bucket follow row 0, so they stay inside the cache
+            n = torch.cat([n, n[:1].expand(self.batch - n.shape[0], 1)])
+        if self.per_row:
+            st.row_slot.sub_(n)
+        elif self.batch == 1:
+            st.slot.sub_(n[0])
+        else:
+            raise ValueError("one rewind count per row needs a session started with per_row=True")
+        st.positions.sub_(n)
 
 
 def _forward_params(model) -> set[str]:

@@ -61,7 +61,8 @@ class _Speculative(Plugin):
                                         f"{type(model).__name__} is an encoder-decoder model")
 
     def make_drafter(self, model):
-        """(drafter factory `(batch, sampler) -> drafter`, cost of one draft step relative to one verify step)."""
+        """(drafter factory `(batch, sampler, open_rows) -> drafter`, cost of one draft step relative to one verify
+        step); `open_rows` gives a draft model its per-row KV (backends.py)."""
         raise NotImplementedError
 
     def apply(self, model, patcher):
@@ -77,10 +78,10 @@ def _param_bytes(model) -> int:
 
 
 def _model_drafter(draft, target):
-    def make(batch, sampler):
+    def make(batch, sampler, open_rows):
         if draft.device != batch.seq.device:  # the target moved after apply(); follow it
             draft.to(batch.seq.device)
-        return ModelDrafter(draft, batch, sampler)
+        return ModelDrafter(draft, batch, sampler, open_rows)
 
     # memory-bound decoding: a step costs about the bytes it reads
     return make, _param_bytes(draft) / _param_bytes(target)
@@ -150,7 +151,7 @@ class Lookup(_Speculative):
 
     def make_drafter(self, model):
         drafter = LookupDrafter(self.ngram_max, self.ngram_min)
-        return (lambda batch, sampler: drafter), DRAFT_FREE_COST
+        return (lambda batch, sampler, open_rows: drafter), DRAFT_FREE_COST
 
 
 @dataclass
@@ -164,7 +165,7 @@ class Recycle(_Speculative):
         table = torch.zeros(vocab, dtype=torch.long, device=model.device)
         drafter = RecycleDrafter(table)
 
-        def make(batch, sampler):
+        def make(batch, sampler, open_rows):
             if drafter.table.device != batch.seq.device:
                 drafter.table = drafter.table.to(batch.seq.device)
             return drafter

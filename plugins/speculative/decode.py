@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from .rows import RowCache, num_layers, row_forward
+from .backends import EagerRows
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -58,17 +58,6 @@ class Batch:
         real[:, 1: t + 1] = attention_mask.bool()
         n_pads = (~real[:, : t + 1]).sum(1)
         return cls(seq, real, n_pads, torch.full((b,), t + 1, device=dev), t + 1, t + 1)
-
-    def prefill(self, model, cache, length: int) -> None:
-        """Write the first `length` slots of every row."""
-        start = torch.zeros_like(self.n)
-        row_forward(model, cache, self.seq[:, :length], start, self.real, self.n_pads, length, last_only=True)
-
-    def forward(self, model, cache, tokens, offset: int, last_only=False, *, tree=None, hidden=False):
-        """Run `tokens` [B, q] at slots n[b] + offset + j of each row (the nodes of `tree`, if given)."""
-        q = tokens.shape[1]
-        return row_forward(model, cache, tokens, self.n + offset, self.real, self.n_pads, self.n_max + offset + q,
-                           last_only, tree=tree, hidden=hidden)
 
     def last_tokens(self, count: int) -> torch.Tensor:
         """The last `count` committed tokens of every row, [B, count]."""
@@ -209,23 +198,23 @@ def accept_path(draws: torch.Tensor, nodes: torch.Tensor, tree: Tree):
 # forward with the fed tokens [B, m+1], the target's logits [B, m+1, V], its last hidden states [B, m+1, H] (None
 # unless the drafter sets `wants_hidden = True`) and, per row, the index in `fed` of the last accepted node [B].
 class ModelDrafter:
-    """A smaller model (or the int8 self-copy) drafts autoregressively on its own per-row cache.
+    """A smaller model (or the int8 self-copy) drafts autoregressively on its own per-row KV (`open_rows`: the eager
+    cache, or a runtime session when the target runs on the fast runtime; see backends.py).
 
-    Invariant: at the start of a round the draft cache holds every committed slot of a row except the last one or two.
+    Invariant: at the start of a round the draft KV holds every committed slot of a row except the last one or two.
     Each round re-feeds the last two committed tokens (rewriting one slot with identical K/V when it was already
     there), which keeps the batch rectangular although rows accepted different numbers of drafts last round."""
 
-    def __init__(self, model, batch: Batch, sampler: Sampler):
-        self.model, self.sampler = model, sampler
-        self.cache = RowCache(num_layers(model), batch.seq.shape[1])
-        if batch.prompt_len > 2:  # every prompt slot but the last two, which the first round feeds
-            batch.prefill(model, self.cache, batch.prompt_len - 2)
+    def __init__(self, model, batch: Batch, sampler: Sampler, open_rows=None):
+        self.sampler = sampler
+        # every prompt slot but the last two, which the first round feeds
+        self.rows = (open_rows or EagerRows)(model, batch, batch.prompt_len - 2)
 
     def propose(self, batch: Batch, k: int):
         tokens, offset = batch.last_tokens(2), -2
         drafts, probs = [], []
         for _ in range(k):
-            logits = batch.forward(self.model, self.cache, tokens, offset, last_only=True)[:, -1]
+            logits = self.rows.forward(batch, tokens, offset, last_only=True)[:, -1]
             token, p = self.sampler.pick(logits)
             drafts.append(token)
             probs.append(p)
@@ -339,18 +328,23 @@ def commit(new: torch.Tensor, accepted: torch.Tensor, eos_ids: torch.Tensor | No
 @torch.no_grad()
 def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, max_new_tokens: int,
                          sampler: Sampler, eos_ids: torch.Tensor | None, pad_id: int, length: DraftLength,
-                         stats: dict, streamer=None) -> torch.Tensor:
+                         stats: dict, streamer=None, open_rows=None) -> torch.Tensor:
     """Generate up to `max_new_tokens` per row; returns [B, T + L] ids like `generate()` (rows that stop early are
-    padded with `pad_id`). `drafter_factory(batch, sampler)` builds the drafter once the batch layout exists.
-    `length.k_max` bounds the drafts of one round (for a tree drafter: its number of non-root nodes)."""
+    padded with `pad_id`). `drafter_factory(batch, sampler, open_rows)` builds the drafter once the batch layout
+    exists. `length.k_max` bounds the drafts of one round (for a tree drafter: its number of non-root nodes).
+    `open_rows(model, batch, cached, eager_reason=None)` gives a model its per-row KV (backends.py); default: the
+    eager `RowCache`."""
     b, t = input_ids.shape
     dev = input_ids.device
     capacity = t + 1 + max_new_tokens + length.k_max + 1
     batch = Batch.from_prompt(input_ids, attention_mask, pad_id, capacity)
-    cache = RowCache(num_layers(target), capacity)
-    batch.prefill(target, cache, batch.prompt_len - 1)  # all but the last prompt token, which the first round feeds
-    drafter = drafter_factory(batch, sampler)
+    open_rows = open_rows or (lambda model, batch, cached, eager_reason=None: EagerRows(model, batch, cached))
+    drafter = drafter_factory(batch, sampler, open_rows)
     wants_hidden = getattr(drafter, "wants_hidden", False)
+    # all but the last prompt token, which the first round feeds; trees and hidden states need the eager cache
+    eager = "tree drafts and hidden states (medusa)" if wants_hidden or getattr(drafter, "trees", False) else None
+    rows_kv = open_rows(target, batch, batch.prompt_len - 1, eager)
+    stats["runtime"] = hasattr(rows_kv, "session")  # the target verifies on the fast runtime (backends.py)
     rows = torch.arange(b, device=dev)
     budget = torch.full((b,), max_new_tokens, device=dev)  # tokens each row may still add; 0 once done
     generated, budget_h = [0] * b, [max_new_tokens] * b
@@ -360,7 +354,8 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
         k = length.k
         drafts, draft_probs, tree = drafter.propose(batch, k)
         fed = torch.cat([batch.last_tokens(1), drafts], 1)  # [B, m+1] at slots n-1 .. n+m-1
-        logits = batch.forward(target, cache, fed, -1, tree=tree, hidden=wants_hidden)
+        extra = {"tree": tree, "hidden": wants_hidden} if eager else {}  # only the eager cache takes these
+        logits = rows_kv.forward(batch, fed, -1, **extra)
         logits, hidden = logits if wants_hidden else (logits, None)
         if tree is None:
             accepted, next_token = verify(sampler, logits, drafts, draft_probs)
@@ -371,7 +366,7 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
             # roll back per row: the accepted path's K/V moves to contiguous slots n-1 .. n-1+accepted; the other
             # nodes stay beyond the committed length, where nothing sees them and the next round overwrites them
             j = torch.arange(depth + 1, device=dev)
-            cache.move(batch.n[:, None] - 1 + path, batch.n[:, None] - 1 + j)
+            rows_kv.move(batch.n[:, None] - 1 + path, batch.n[:, None] - 1 + j)
             kept = fed.gather(1, path[:, 1:])
         drafter.observe(fed, logits, hidden, last)
 

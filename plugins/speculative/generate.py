@@ -7,6 +7,9 @@ sequence such as repetition penalty, stop strings, return_dict_in_generate, flas
 than the generation, ...) runs transformers' own loop for that mode, with one warning per reason, so the output is
 always what the target alone would produce. The last call's acceptance statistics are in
 `model.hf_accel_spec_stats`.
+
+With the `fast` plugin applied too, the loop runs the target (and a draft model) on the fast runtime's sessions
+(backends.py) and a call it cannot serve goes to the runtime's own loop (which may in turn hand it to transformers).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from hf_accel.compat import get_cache
+from hf_accel.runtime import Unsupported, get_runtime
+from hf_accel.runtime.generate import USES_RUNTIME, decode_loop
 
+from .backends import opener
 from .decode import DraftLength, Sampler, speculative_generate
 
 STATS_ATTR = "hf_accel_spec_stats"
@@ -80,6 +86,10 @@ def _sliding_window(config) -> int | None:
 
 
 def hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+    runtime = get_runtime(model)
+    if runtime is not None:  # `fast` is applied too: its loop serves the call (or hands it to transformers)
+        return decode_loop(runtime, model, input_ids, logits_processor, stopping_criteria, generation_config,
+                           streamer, False, model_kwargs)
     mode = generation_config.get_generation_mode()
     method = getattr(type(model), GENERATION_MODES_MAPPING[mode])
     extra = {"streamer": streamer} if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) else {}
@@ -92,9 +102,21 @@ def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dic
     `speculative_generate` with drafters from `make_drafter(batch, sampler)`; returns the stats dict."""
     stats: dict = {}
 
-    def decode(model, input_ids, attention_mask, **planned):
-        return speculative_generate(model, make_drafter, input_ids, attention_mask, length=length, stats=stats,
-                                    **planned)
+    def decode(model, input_ids, attention_mask, *, warn, **planned):
+        def run(open_rows):
+            return speculative_generate(model, make_drafter, input_ids, attention_mask, length=length, stats=stats,
+                                        open_rows=open_rows, **planned)
+
+        if get_runtime(model) is None:
+            return run(None)
+        eager = "the speculative loop runs on its eager per-row cache instead of the fast runtime"
+        try:
+            return run(opener(model, lambda reason: warn(reason, eager)))
+        except Unsupported as e:  # a capture failed mid-call (the runtime is then disabled): run the call again
+            if planned.get("streamer") is not None:  # tokens may have been streamed already; they cannot be recalled
+                raise
+            warn(str(e), eager)
+            return run(None)
 
     patcher.set_attr(model, STATS_ATTR, stats)
     patcher.set_attr(model, "generate", wrap_generate(model.generate, name, decode, stats))
@@ -104,15 +126,15 @@ def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dic
 def wrap_generate(original, name: str, decode, stats: dict):
     """The `generate` installed on the instance.
 
-    `decode(model, input_ids, attention_mask, *, sampler, max_new_tokens, eos_ids, pad_id, streamer)` is the
-    plugin's own loop, called when `plan` accepts the call.
+    `decode(model, input_ids, attention_mask, *, sampler, max_new_tokens, eos_ids, pad_id, streamer, warn)` is
+    the plugin's own loop, called when `plan` accepts the call; `warn(reason, consequence)` warns once per reason.
     """
     warned: set[str] = set()
 
-    def warn_once(reason: str) -> None:
+    def warn_once(reason: str, consequence: str = "this call runs without speculative decoding") -> None:
         if reason not in warned:
             warned.add(reason)
-            warnings.warn(f"hf_accel {name}: {reason}; this call runs without speculative decoding", stacklevel=3)
+            warnings.warn(f"hf_accel {name}: {reason}; {consequence}", stacklevel=3)
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
@@ -137,8 +159,9 @@ def wrap_generate(original, name: str, decode, stats: dict):
             stats.update(method=name, batch=input_ids.shape[0], sampling=not sampler.greedy)
             return decode(model, input_ids, model_kwargs.get("attention_mask"), sampler=sampler,
                           max_new_tokens=max_new, eos_ids=eos, pad_id=int(pad) if pad is not None else 0,
-                          streamer=streamer)
+                          streamer=streamer, warn=warn_once)
 
+        setattr(loop, USES_RUNTIME, True)  # `fast`'s generate (contract point 4) hands it over without a warning
         return original(*args, custom_generate=loop, **kwargs)
 
     return generate

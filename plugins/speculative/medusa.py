@@ -243,6 +243,7 @@ class MedusaDrafter:
     """Tree drafts from the heads, read at the hidden state of each row's last accepted node (see decode.py)."""
 
     wants_hidden = True
+    trees = True  # both keep the target on the eager per-row cache (backends.py)
 
     def __init__(self, heads: MedusaHeads, tree: MedusaTree, lm_head, dtype, device):
         self.heads, self.tree, self.lm_head, self.dtype = heads, tree, lm_head, dtype
@@ -297,7 +298,7 @@ class Medusa(Plugin):
         heads.to(device=next(model.parameters()).device, dtype=dtype)
         trees: dict = {}  # per device
 
-        def make_drafter(batch, sampler):
+        def make_drafter(batch, sampler, open_rows):
             device = batch.seq.device
             if heads.blocks[0].weight.device != device:  # the target moved after apply(); follow it
                 heads.to(device)

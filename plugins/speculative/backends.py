@@ -1,0 +1,85 @@
+"""Where the speculative loop keeps a model's per-row KV: its own eager `RowCache`, or a fast-runtime session.
+
+The loop and the drafters only ask one thing of a backend: `forward(batch, tokens, offset, last_only)` runs tokens
+[B, q] at slots n[b] + offset + j of each row and returns their float32 logits. What was written beyond a row's
+committed length is never seen and is overwritten later, so rolling back needs no call. Both backends use the
+batch's slot layout (`decode.Batch`: one pad column, the left-padded prompt, then each row's tokens).
+
+- `EagerRows` (rows.py): one eager transformers forward per call. Serves everything, including tree drafts and the
+  hidden states Medusa reads.
+- `SessionRows`: the target's `fast` runtime (`hf_accel.runtime`, contract point 4), or for a draft model a
+  companion runtime with the same options. The session is started per row (`Runtime.start(per_row=True)`): each
+  row has its own next slot, and `rewind` takes one count per row, so the batch needs no shared length. Each forward
+  of Q tokens is one CUDA graph per Q on the GPU (the decode step is compiled), so small models stop paying kernel
+  launches per layer. The backend remembers where it left every row (`next`, a device tensor) and rewinds the
+  session to the slots the loop asks for: device ops only, no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_accel.runtime import Unsupported, get_runtime
+
+from .rows import RowCache, num_layers, row_forward
+
+
+class EagerRows:
+    """A `RowCache` and eager forwards; the first `cached` slots of every row are written at once."""
+
+    def __init__(self, model, batch, cached: int):
+        self.model = model
+        self.cache = RowCache(num_layers(model), batch.seq.shape[1])
+        if cached > 0:
+            start = torch.zeros_like(batch.n)
+            row_forward(model, self.cache, batch.seq[:, :cached], start, batch.real, batch.n_pads, cached,
+                        last_only=True)
+
+    def forward(self, batch, tokens, offset: int, last_only: bool = False, *, tree=None, hidden: bool = False):
+        q = tokens.shape[1]
+        return row_forward(self.model, self.cache, tokens, batch.n + offset, batch.real, batch.n_pads,
+                           batch.n_max + offset + q, last_only, tree=tree, hidden=hidden)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.cache.move(src, dst)
+
+
+class SessionRows:
+    """A per-row runtime session over the batch's slots. The prompt (with the batch's pad column) is prefilled
+    whole; slots the loop feeds again get identical K/V."""
+
+    def __init__(self, runtime, batch):
+        t, capacity = batch.prompt_len, batch.seq.shape[1]
+        self.session, _ = runtime.start(batch.seq[:, :t], batch.real[:, :t].long(), capacity - t, per_row=True)
+        self.rows = batch.seq.shape[0]
+        self.next = batch.n.clone()  # [B] slot where the session places each row's next token
+
+    def forward(self, batch, tokens, offset: int, last_only: bool = False):
+        start = batch.n + offset
+        self.session.rewind(self.next - start)  # never negative: the loop only asks for slots it wrote or the next
+        logits = self.session.forward(tokens)[: self.rows]
+        self.next = start + tokens.shape[1]
+        return logits[:, -1:] if last_only else logits
+
+
+def opener(target, warn):
+    """`open_rows(model, batch, cached, eager_reason=None) -> backend` for one call: a runtime session when the
+    target has the `fast` runtime and it can serve (else, with a warning through `warn`, the eager cache), the eager
+    cache otherwise. `eager_reason` says why the loop needs the eager cache anyway (tree drafts, hidden states)."""
+    runtime = get_runtime(target)
+
+    def open_rows(model, batch, cached: int, eager_reason: str | None = None):
+        if runtime is not None:
+            reason = eager_reason
+            if reason is None:
+                rt = runtime if model is target else runtime.companion(model)
+                try:
+                    return SessionRows(rt, batch)
+                except Unsupported as e:
+                    reason = str(e)
+                    if e.whole_model:  # e.g. a model that bypasses the cache: the runtime stops trying it
+                        rt.disabled = reason
+            warn(reason)
+        return EagerRows(model, batch, cached)
+
+    return open_rows

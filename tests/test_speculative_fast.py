@@ -1,0 +1,246 @@
+"""Speculative decoding on the fast runtime (`fast+draft`, `fast+lookup`, ...; issue 7): the target, and a draft model,
+verify and draft through per-row runtime sessions instead of the eager `RowCache`.
+
+Greedy output is compared token for token with the target alone (fp32 CPU, batch 1 and left-padded batches whose rows
+accept different numbers of drafts); sampled output with the target's exact distribution (the chi-square test of
+test_speculative.py); fallbacks (medusa trees, KV layers without per-row slots, unservable calls) keep the output.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import build
+from test_medusa import random_heads
+from test_speculative import (WARP, chi_square_p, n_generated, prompts, sample_counts, small_pair,  # noqa: F401
+                              smaller_perturbed_copy, total_variation)
+
+import hf_accel
+from hf_accel.runtime import StaticKVLayer, get_runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
+
+METHODS = ("draft", "lookup", "recycle", "selfdraft")
+
+
+def spec_for(method: str, draft_dir, fast: str = "fast") -> str:
+    return fast + "+" + {
+        "draft": f"draft(draft='{draft_dir}', k=3)",
+        "lookup": "lookup(k=4)",
+        "recycle": "recycle(k=3)",
+        "selfdraft": "selfdraft(k=3)",
+    }[method]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return build("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(target, tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec_fast") / "draft"
+    smaller_perturbed_copy(target, layers=1, noise=0.3).save_pretrained(path)
+    return path
+
+
+def generate_on_runtime(model, spec, **kw):
+    """generate() under `spec`, failing on any warning (a silent fallback); returns (ids, stats, draft sessions)."""
+    hf_accel.apply(model, spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            out = model.generate(**kw)
+        companions = get_runtime(model).companions.values()
+        return out, dict(model.hf_accel_spec_stats), sum(len(rt.sessions) for rt in companions)
+    finally:
+        hf_accel.remove(model)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_identical_to_target(target, draft_dir, method, batch):
+    rounds = generated = 0
+    for seed in range(3):
+        ids, mask = prompts(batch, seed)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+        ref = target.generate(**kw)
+        out, stats, draft_sessions = generate_on_runtime(target, spec_for(method, draft_dir), **kw)
+        assert torch.equal(out, ref), f"{method} batch {batch} prompt set {seed}"
+        assert stats["runtime"] and stats["generated"] == n_generated(ref, ids.shape[1])
+        assert draft_sessions == (method in ("draft", "selfdraft"))  # a draft model decodes on its own runtime
+        rounds += stats["row_rounds"]
+        generated += stats["generated"]
+    assert rounds < generated  # drafts were accepted at times
+    assert "generate" not in vars(target) and not hasattr(target, "_hf_accel_runtime")
+
+
+def test_ragged_batch_accepts_different_counts_per_row(target, draft_dir, monkeypatch):
+    """The batch-of-3 case really is ragged: rows keep different numbers of drafts in the same round."""
+    from hf_accel.plugins.speculative import decode
+
+    log, right = [], decode.verify
+
+    def spy(*args):
+        out = right(*args)
+        log.append(out[0].tolist())
+        return out
+
+    monkeypatch.setattr(decode, "verify", spy)
+    ids, mask = prompts(3, seed=1, lengths=[3, 11, 7])
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    out, _, _ = generate_on_runtime(target, spec_for("draft", draft_dir), **kw)
+    assert torch.equal(out, target.generate(**kw))
+    assert any(len(set(acc)) > 1 for acc in log)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_greedy_other_architectures(arch, tmp_path):
+    model = build(arch, seed=0)
+    path = tmp_path / "draft"
+    smaller_perturbed_copy(model, layers=2, noise=0.3).save_pretrained(path)  # qwen2: layer_types need 2
+    for batch in (1, 3):
+        ids, mask = prompts(batch, seed=11)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+        ref = model.generate(**kw)
+        for method in ("draft", "lookup"):
+            out, stats, _ = generate_on_runtime(model, spec_for(method, path), **kw)
+            assert torch.equal(out, ref) and stats["runtime"], f"{arch} {method} batch {batch}"
+
+
+def test_eos_and_budget_per_row(target, draft_dir):
+    ids, mask = prompts(3, seed=7)
+    free = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)[:, ids.shape[1]:]
+    eos = int(free[0, 6])  # an EOS id that rows reach at different steps (or never)
+    for max_new in (1, 5, 20):
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, eos_token_id=eos)
+        ref = target.generate(**kw)
+        out, stats, _ = generate_on_runtime(target, spec_for("draft", draft_dir), **kw)
+        assert torch.equal(out, ref) and stats["generated"] == n_generated(ref, ids.shape[1], eos), max_new
+
+
+def test_session_rewinds_each_row_by_its_own_count(target):
+    """`Runtime.start(per_row=True)`: rows rewound by different counts continue exactly like transformers."""
+    model = copy.deepcopy(target)
+    hf_accel.apply(model, "fast")
+    ids, mask = prompts(2, seed=3, lengths=[4, 9])
+    session, _ = get_runtime(model).start(ids, mask, max_new_tokens=20, per_row=True)
+    session.forward(torch.tensor([[5, 6, 7], [8, 9, 10]]))
+    session.rewind(torch.tensor([1, 3]))  # row 0 keeps 5, 6; row 1 keeps nothing
+    logits = session.forward(torch.tensor([[11, 12], [13, 14]])).clone()
+    for row, (new, n) in enumerate([([5, 6, 11, 12], 4), ([13, 14], 9)]):
+        seq = torch.cat([ids[row, ids.shape[1] - n:], torch.tensor(new)])[None]
+        assert torch.allclose(logits[row], model(seq).logits[0, -2:].float(), atol=1e-5)
+    hf_accel.remove(model)
+
+
+@pytest.mark.parametrize("method", ["draft", "lookup"])
+def test_sampling_follows_target_distribution(small_pair, method):
+    target, path, prompt, exact = small_pair
+    spec = f"fast+draft(draft='{path}', k=2)" if method == "draft" else "fast+lookup(k=2)"
+    hf_accel.apply(target, spec)
+    try:
+        torch.manual_seed(1)
+        counts = sample_counts(target, prompt, **WARP)
+        stats = dict(target.hf_accel_spec_stats)
+    finally:
+        hf_accel.remove(target)
+    assert stats["runtime"] and stats["sampling"] and 0.1 < stats["acceptance_rate"] < 0.9
+    assert chi_square_p(counts, exact) > 1e-3
+    assert total_variation(counts, exact) < 0.06
+
+
+def test_remove_restores_everything(target, draft_dir):
+    before = target.generate
+    hf_accel.apply(target, spec_for("draft", draft_dir))
+    ids, mask = prompts(3, seed=2)
+    target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert get_runtime(target).companions
+    assert hf_accel.remove(target) == []
+    assert target.generate == before and "generate" not in vars(target)
+    assert get_runtime(target) is None and not hasattr(target, "hf_accel_spec_stats")
+    assert not hasattr(target, "_hf_accel_state")
+
+
+def test_unservable_call_goes_to_the_runtime_loop(target):
+    """A call speculative decoding cannot serve (repetition penalty) runs the fast runtime's own loop."""
+    model = copy.deepcopy(target)
+    ids, mask = prompts(3, seed=6)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, repetition_penalty=1.3)
+    ref = model.generate(**kw)
+    hf_accel.apply(model, "fast+lookup")
+    with pytest.warns(UserWarning, match="RepetitionPenalty"):
+        out = model.generate(**kw)
+    assert torch.equal(out, ref) and get_runtime(model).stats["calls"] == 1
+    hf_accel.remove(model)
+
+
+def test_medusa_trees_fall_back_to_the_eager_cache(tmp_path):
+    model = build("llama")
+    spec = f"fast+medusa(heads='{random_heads(model, tmp_path / 'h')}')"
+    ids, mask = prompts(3, seed=4)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    ref = model.generate(**kw)
+    hf_accel.apply(model, spec)
+    try:
+        with pytest.warns(UserWarning, match="tree drafts"):
+            out = model.generate(**kw)
+        assert torch.equal(out, ref) and not model.hf_accel_spec_stats["runtime"]
+    finally:
+        hf_accel.remove(model)
+
+
+def test_kv_layers_without_per_row_slots_fall_back(target, draft_dir):
+    """A KV plugin's layers that take one slot index for all rows: batch 1 still runs on the runtime, a batch of 3
+    runs the eager cache (one warning), both exact."""
+
+    class SharedSlotLayer(StaticKVLayer):
+        per_row_slots = False
+
+    def factory(layer_idx, batch, capacity, kv_heads, head_dim, dtype, device):
+        shape = (batch, kv_heads, capacity, head_dim)
+        return SharedSlotLayer(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+
+    model = copy.deepcopy(target)
+    hf_accel.apply(model, spec_for("draft", draft_dir))
+    model._hf_accel_kv_layer = factory
+    try:
+        ids, mask = prompts(1, seed=5)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(**kw), target.generate(**kw)) and model.hf_accel_spec_stats["runtime"]
+        ids, mask = prompts(3, seed=5)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        with pytest.warns(UserWarning, match="per_row_slots"):
+            out = model.generate(**kw)
+        assert torch.equal(out, target.generate(**kw)) and not model.hf_accel_spec_stats["runtime"]
+    finally:
+        del model._hf_accel_kv_layer
+        hf_accel.remove(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_greedy_identical_with_cuda_graphs(compile, tmp_path):
+    """fp32, CUDA graphs on (SDPA decode attention, as test_runtime's exactness test: random weights' near-ties)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = build("llama").cuda()
+    smaller_perturbed_copy(model.cpu(), layers=1, noise=0.3).save_pretrained(tmp_path / "draft")
+    model.cuda()
+    fast = f"fast(compile={compile}, decode_attention=sdpa)"
+    for method in ("draft", "lookup", "recycle"):
+        for batch in (1, 3):
+            ids, mask = prompts(batch, seed=batch)
+            kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, do_sample=False)
+            ref = model.generate(**kw)
+            hf_accel.apply(model, spec_for(method, tmp_path / "draft", fast))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", UserWarning)
+                    out = model.generate(**kw)
+                assert torch.equal(out, ref), f"{method} batch {batch}"
+                assert model.hf_accel_spec_stats["runtime"] and get_runtime(model).stats["captures"] >= 1
+            finally:
+                hf_accel.remove(model)
