@@ -137,6 +137,31 @@ def test_session_rewinds_each_row_by_its_own_count(target):
     hf_accel.remove(model)
 
 
+def test_per_row_forward_traces_as_one_graph(target):
+    """Capturable: the per-row verify step (scatter at [B, Q] slots, the per-row mask) has no host sync and no
+    data-dependent branch, so torch.compile traces the whole model forward as one graph (fullgraph=True)."""
+    from hf_accel.runtime.attention import use_fast_attention
+    from hf_accel.runtime.session import forward_tokens
+
+    model = copy.deepcopy(target)
+    hf_accel.apply(model, "fast")
+    rt = get_runtime(model)
+    ids, mask = prompts(2, seed=3, lengths=[4, 9])
+    session, _ = rt.start(ids, mask, max_new_tokens=20, per_row=True)
+    st = session.state
+    session.rewind(torch.tensor([0, 2]))
+    slots, pos = st.row_slot + torch.arange(3), st.positions + torch.arange(3)
+    session.cache.set_slots(slots)
+    args = (model, session.cache, torch.tensor([[5, 6, 7], [8, 9, 10]]), pos, slots, st.prompt_valid, st.prompt_len,
+            rt.window, rt.kind, rt.dtype)
+    torch._dynamo.reset()
+    with use_fast_attention(model):
+        eager = forward_tokens(*args).clone()  # writes the same K/V at the same slots as the traced call
+        traced = torch.compile(forward_tokens, backend="eager", fullgraph=True)(*args)
+    assert torch.allclose(traced, eager, atol=1e-6)
+    hf_accel.remove(model)
+
+
 @pytest.mark.parametrize("method", ["draft", "lookup"])
 def test_sampling_follows_target_distribution(small_pair, method):
     target, path, prompt, exact = small_pair

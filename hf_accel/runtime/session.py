@@ -342,8 +342,9 @@ class Session:
         with use_fast_attention(self.rt.model, self.rt.decode_attention):
             fn()
 
-    def _capture(self, key: tuple, fn) -> None:
-        """Warm `fn` up twice on a side stream (this runs it: callers save or reset the state), then capture it."""
+    def _capture(self, key: tuple, fn, reset=None) -> None:
+        """Warm `fn` up twice on a side stream (this runs it: callers save or reset the state, or pass `reset`, run
+        after each warm-up), then capture it."""
         rt = self.rt
         if rt.use_compile:
             self._mark_dynamic()
@@ -359,6 +360,8 @@ class Session:
                                           f"({type(e).__name__}: {str(e)[:300]})") from e
                     rt.uncompile(e)
                     fn()
+                if reset is not None:
+                    reset()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
@@ -442,16 +445,16 @@ class Session:
         positions by Q. Captured once per Q. The returned buffer is overwritten by the next call with the same Q."""
         rt, st = self.rt, self.state
         q, per_row = tokens.shape[1], self.per_row
-        if (q, per_row) not in self.verify_buffers:
+        if (q, per_row) not in self.verify_buffers:  # everything the graph reads must outlive this call
             self.verify_buffers[q, per_row] = (
                 torch.zeros(self.batch, q, dtype=torch.long, device=rt.device),
                 torch.zeros((self.batch, q) if per_row else (q,), dtype=torch.long, device=rt.device),
                 torch.zeros(self.batch, q, dtype=torch.long, device=rt.device),
                 torch.zeros(self.batch, q, rt.vocab, dtype=torch.float32, device=rt.device),
+                torch.arange(q, device=rt.device),
             )
-        tok, slots, pos, out = self.verify_buffers[q, per_row]
+        tok, slots, pos, out, offsets = self.verify_buffers[q, per_row]
         tok[: tokens.shape[0]].copy_(tokens)
-        offsets = torch.arange(q, device=rt.device)
         next_slot = st.row_slot if per_row else st.slot  # [B, 1] or [1]
 
         def step():
@@ -466,11 +469,14 @@ class Session:
 
         key = ("forward", q, per_row)
         self.cache.set_slots(slots)
-        if key not in self.graphs and rt.use_graphs:  # warm-up runs advance the state: put it back
+        if key not in self.graphs and rt.use_graphs:
             saved = next_slot.clone(), st.positions.clone()
-            self._capture(key, step)
-            next_slot.copy_(saved[0])
-            st.positions.copy_(saved[1])
+
+            def reset():  # after each warm-up run, so they write the same slots and never run past the capacity
+                next_slot.copy_(saved[0])
+                st.positions.copy_(saved[1])
+
+            self._capture(key, step, reset)
         self._run(key, step)
         return out
 
