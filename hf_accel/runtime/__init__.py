@@ -48,10 +48,18 @@ that later replaces a weight tensor (not `copy_` into it) must call `hf_accel.ru
    which folds grouped-query heads instead of repeating the cache; "eager" gets an additive mask; flash
    implementations take 2-D masks and fall back to transformers.)
 4. Speculative decoding (a `custom_generate` of its own): `get_runtime(model).start(input_ids, attention_mask,
-   max_new_tokens)` prefills and returns `(session, logits)`; `session.forward(tokens[B, Q])` returns float32
-   logits [B, Q, V] of Q tokens placed at the next Q slots (one CUDA graph per Q, the buffer is reused), and
-   `session.rewind(n)` forgets the last n of them. Rejected drafts need no cache copy: their slots are masked
-   and later overwritten.
+   max_new_tokens, per_row=False)` prefills and returns `(session, logits)`; `session.forward(tokens[B, Q])`
+   returns float32 logits [B, Q, V] of Q tokens placed at the next Q slots (one CUDA graph per Q, the buffer is
+   reused), and `session.rewind(n)` forgets the last n of them. Rejected drafts need no cache copy: their slots
+   are masked and later overwritten. `per_row=True` gives every row its own next slot (`State.row_slot`): the
+   layers get slots [B, Q] (a layer that takes them sets `per_row_slots = True`, as `StaticKVLayer` does; else
+   `start` raises Unsupported at batch > 1), the mask hides each row's slots after its own queries, and
+   `rewind(n)` takes a LongTensor with one count per row (device ops, no sync), so rows that accepted different
+   numbers of drafts stay exact. The capacity is exact (prompt + new tokens + one round's drafts); the decode
+   step is unchanged (one shared slot). `runtime.companion(draft_model)` is a runtime with the same options for a
+   draft model, released with this one. Mark the `custom_generate` callable with `hf_accel_uses_runtime = True`
+   and `fast`'s generate hands it over without a warning. The speculative plugins do all this
+   (plugins/speculative/backends.py); Medusa's trees still run on their own eager cache.
 
 A model or call that the runtime cannot serve exactly (encoder-decoder, flash attention, mixed sliding-window
 layers shorter than the cache, a layer that bypasses `past_key_values.update`, a failed capture, beam search,

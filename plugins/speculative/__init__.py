@@ -3,6 +3,7 @@
     model = AutoModelForCausalLM.from_pretrained(target_id, accel="draft(draft='path/to/draft', k=4)")
     model = AutoModelForCausalLM.from_pretrained(target_id, accel="selfdraft(k=4, adaptive=True)")
     pipe = pipeline("text-generation", model=target_id, accel="lookup(k=8)")   # or "recycle(k=4)"
+    model = AutoModelForCausalLM.from_pretrained(target_id, accel="fast+draft(draft='path/to/draft', k=4)")
     model.generate(**batch_of_left_padded_prompts)   # any batch size; greedy or sampling
     model.hf_accel_spec_stats["mean_accepted"]       # drafts kept per row and verify step, last call
 
@@ -19,9 +20,18 @@ the target's distribution (exact rejection sampling). `adaptive=True` picks the 
 measured acceptance rate (k is then the upper bound). Batches: rows accept different numbers of tokens; each row has
 its own KV length, mask and positions (`rows.py`), so transformers' batch-size-1 limit does not apply.
 
+With `fast` in the spec (`fast+draft(...)`, `fast+selfdraft`, `fast+lookup`, `fast+recycle`) the target verifies on
+the fast runtime: static KV cache, per-row slots, each Q-token forward one CUDA graph (compiled) on the GPU; a draft
+model drafts on a companion runtime of its own. Drafters and the verification rule are the same code; only the
+"forward Q tokens / roll back" backend differs (`backends.py`). `model.hf_accel_spec_stats["runtime"]` says which
+ran. Medusa (trees, hidden states) and a call the runtime cannot serve (e.g. a KV plugin's layers without per-row
+slots at batch > 1) use the eager cache, with one warning per reason; a call speculative decoding cannot serve
+(repetition penalty, beam search, ...) goes to the runtime's own loop.
+
 Design: `decode.py` (the loop, chain and tree verification, drafters), `rows.py` (per-row KV slots and tree masks),
-`generate.py` (`install`: the `custom_generate` wrapper recorded by the Patcher, so `hf_accel.remove(model)` restores
-`generate`), `medusa.py` (heads, training, artifact, the tree drafter).
+`backends.py` (where a model's per-row KV lives: `rows.py`'s eager cache or a fast-runtime session), `generate.py`
+(`install`: the `custom_generate` wrapper recorded by the Patcher, so `hf_accel.remove(model)` restores `generate`),
+`medusa.py` (heads, training, artifact, the tree drafter).
 """
 
 from __future__ import annotations

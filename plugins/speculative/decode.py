@@ -17,7 +17,8 @@ Lossless by construction:
   are draws from the target's own conditional: greedy output is the target's, sampled output has its distribution.
 
 Every row keeps its own committed length `n[b]` (see `rows.py`): rows accept different numbers of tokens, finish at
-their own EOS or token budget, and their rejected drafts are masked and later overwritten.
+their own EOS or token budget, and their rejected drafts are masked and later overwritten. Models run their forwards
+through a backend (`backends.py`): the eager per-row cache, or a fast-runtime session when `fast` is applied.
 """
 
 from __future__ import annotations
