@@ -15,6 +15,10 @@ Writes benchmarks/results/bench_spec.json: raw rows plus a `summary`.
    left-padded prompts of different lengths from the held-out split): transformers' generate, `fast` (if
    hf_accel.runtime exists), transformers' assisted generation and prompt lookup (batch 1 only: at batch 8 they raise,
    and the message is recorded), and the hf_accel plugins draft, draft(adaptive), selfdraft, lookup, recycle.
+   Last (they compile and capture on the GPU, within --budget-s): `fast` alone and the same plugins on the fast
+   runtime (`fast+draft`, `fast+selfdraft`, `fast+lookup`, `fast+recycle`: static cache, per-row slots, CUDA
+   graphs; the row's `runtime` says the loop really ran there). Rows and summary give speedups against
+   transformers and against `fast` (`<method>_bs<b>_speedup_vs_fast`, `best_speedup_vs_fast_bs<b>`).
    `identical_rows` says how many rows equal transformers' output (bf16 verify of k+1 tokens may round differently
    from one-token decoding, so a rare late divergence is numerics, not a bug; the fp32 CPU tests are exact).
 3. The 8B shape (Llama-3-8B config, random bf16 weights, 1024-token context): milliseconds of one decode step vs
@@ -46,6 +50,12 @@ METHODS = {  # name -> spec (the draft path is filled in)
     "selfdraft": "selfdraft(k=4)",
     "lookup": "lookup(k=8)",
     "recycle": "recycle(k=4)",
+}
+FAST_METHODS = {  # the same loop on the fast runtime's sessions (plugins/speculative/backends.py)
+    "fast+draft": "fast+draft(draft='{draft}', k=4)",
+    "fast+selfdraft": "fast+selfdraft(k=4)",
+    "fast+lookup": "fast+lookup(k=8)",
+    "fast+recycle": "fast+recycle(k=4)",
 }
 
 
@@ -162,7 +172,8 @@ def decode_row(name, batch, seconds, out, ref, prompt_len, new_tokens, stats=Non
            "first_divergence": None if ref is None else _first_divergence(out, ref, prompt_len)}
     if stats:
         row.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()
-                    if k in ("mean_accepted", "tokens_per_verify", "acceptance_rate", "rounds", "fallback")})
+                    if k in ("mean_accepted", "tokens_per_verify", "acceptance_rate", "rounds", "fallback",
+                             "runtime")})
         if "draft_lengths" in stats:
             row["mean_draft_length"] = round(sum(stats["draft_lengths"]) / max(len(stats["draft_lengths"]), 1), 2)
     row.update(extra)
@@ -223,10 +234,11 @@ def with_spec(model, spec, name, batch, run, new, device, repeats):
 
 
 def add_speedups(rows) -> None:
-    base = {r["batch"]: r["seconds"] for r in rows if r.get("method") == "transformers"}
-    for row in rows:
-        if "seconds" in row and row.get("batch") in base:
-            row["speedup_vs_transformers"] = round(base[row["batch"]] / row["seconds"], 3)
+    for baseline in ("transformers", "fast"):
+        base = {r["batch"]: r["seconds"] for r in rows if r.get("method") == baseline and "seconds" in r}
+        for row in rows:
+            if "seconds" in row and row.get("batch") in base and row["method"] != baseline:
+                row[f"speedup_vs_{baseline}"] = round(base[row["batch"]] / row["seconds"], 3)
 
 
 # ------------------------------------------------------------------------------------------------ 8B shape
@@ -329,15 +341,23 @@ def summarize(rows) -> tuple[dict, dict]:
         key = f"{row['method']}_bs{row['batch']}"
         summary[f"{key}_tokens_per_s"] = row["tokens_per_s"]
         summary[f"{key}_speedup_vs_transformers"] = row.get("speedup_vs_transformers")
+        if "speedup_vs_fast" in row:
+            summary[f"{key}_speedup_vs_fast"] = row["speedup_vs_fast"]
         if "mean_accepted" in row:
             summary[f"{key}_mean_accepted"] = row["mean_accepted"]
         if row["method"] == "draft" and row.get("acceptance_rate") is not None:
             acceptance[row["batch"]] = row["acceptance_rate"]
-    spec_rows = [r for r in rows if r.get("method") in METHODS and "speedup_vs_transformers" in r]
+    spec_rows = [r for r in rows if (r.get("method") in METHODS or r.get("method") in FAST_METHODS)
+                 and "speedup_vs_transformers" in r]
     for batch in sorted({r["batch"] for r in spec_rows}):
         best = max((r for r in spec_rows if r["batch"] == batch), key=lambda r: r["speedup_vs_transformers"])
         summary[f"best_method_bs{batch}"] = best["method"]
         summary[f"best_speedup_vs_transformers_bs{batch}"] = best["speedup_vs_transformers"]
+        vs_fast = [r for r in spec_rows if r["batch"] == batch and "speedup_vs_fast" in r]
+        if vs_fast:  # what speculative decoding adds on top of the plain fast runtime
+            best = max(vs_fast, key=lambda r: r["speedup_vs_fast"])
+            summary[f"best_method_vs_fast_bs{batch}"] = best["method"]
+            summary[f"best_speedup_vs_fast_bs{batch}"] = best["speedup_vs_fast"]
     for batch in sorted({r["batch"] for r in spec_rows}):
         hf = [r for r in rows if r.get("method") in ("hf_assisted", "hf_prompt_lookup") and r["batch"] == batch
               and "tokens_per_s" in r]
@@ -402,16 +422,19 @@ def main(argv=None) -> None:
         rows_8b, summary_8b = bench_8b(args, args.device, dtype, acceptance)
         rows += rows_8b
         write("8b_shape")
-    if args.device == "cuda" and importlib.util.find_spec("hf_accel.runtime") is not None:
-        if time.time() - started < args.budget_s:  # `fast` compiles and captures a graph per batch bucket
-            for batch, run in runs.items():
-                rows.append(with_spec(target, "fast", "fast", batch, run, args.new_tokens, args.device, args.repeats))
+    if importlib.util.find_spec("hf_accel.runtime") is not None:  # CPU (--smoke): eager, no compile, no graphs
+        fast_methods = {"fast": "fast", **{name: spec.format(draft=draft_dir) for name, spec in FAST_METHODS.items()}}
+        for batch, run in runs.items():
+            for name, spec in fast_methods.items():
+                spent = time.time() - started
+                if args.device == "cuda" and spent > args.budget_s:  # each compiles and captures per batch bucket
+                    skipped.append(f"{name} bs{batch}: {spent:.0f} s spent, over --budget-s {args.budget_s}")
+                    continue
+                rows.append(with_spec(target, spec, name, batch, run, args.new_tokens, args.device, args.repeats))
                 print(f"  {rows[-1]}", file=sys.stderr)
                 add_speedups(rows)
-                write(f"fast_bs{batch}")
-        else:
-            skipped.append(f"fast: {time.time() - started:.0f} s spent, over --budget-s {args.budget_s}")
-            write("all")
+                write(f"{name}_bs{batch}")
+        write("all")
     print(json.dumps(summary, indent=2, default=str))
 
 
