@@ -218,6 +218,36 @@ def test_medusa_trees_fall_back_to_the_eager_cache(tmp_path):
         hf_accel.remove(model)
 
 
+def test_failure_mid_call_reruns_on_the_eager_cache(target, draft_dir, monkeypatch):
+    """A forward the runtime cannot run (on the GPU: a failed capture of a new Q) after some rounds: the call is run
+    again on the eager cache (one warning), the failing runtime (here the draft's) is not tried again, the output
+    stays exact."""
+    from hf_accel.runtime import Session, Unsupported
+
+    right, calls = Session.forward, []
+
+    def failing(self, tokens):
+        calls.append(tokens.shape)
+        if len(calls) == 6:
+            raise Unsupported("could not capture the test step")
+        return right(self, tokens)
+
+    monkeypatch.setattr(Session, "forward", failing)
+    model = copy.deepcopy(target)
+    hf_accel.apply(model, spec_for("draft", draft_dir))
+    ids, mask = prompts(3, seed=8)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    with pytest.warns(UserWarning, match="could not capture the test step"):
+        out = model.generate(**kw)
+    assert torch.equal(out, target.generate(**kw)) and not model.hf_accel_spec_stats["runtime"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # one warning per reason: the next call is quiet
+        assert torch.equal(model.generate(**kw), target.generate(**kw))
+    assert calls[5] == (3, 1)  # the draft's step failed: its runtime is disabled, the target's still verifies
+    assert model.hf_accel_spec_stats["runtime"] and all(shape == (3, 4) for shape in calls[6:])
+    hf_accel.remove(model)
+
+
 def test_kv_layers_without_per_row_slots_fall_back(target, draft_dir):
     """A KV plugin's layers that take one slot index for all rows: batch 1 still runs on the runtime, a batch of 3
     runs the eager cache (one warning), both exact."""

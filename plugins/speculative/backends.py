@@ -50,6 +50,7 @@ class SessionRows:
 
     def __init__(self, runtime, batch):
         t, capacity = batch.prompt_len, batch.seq.shape[1]
+        self.runtime = runtime
         self.session, _ = runtime.start(batch.seq[:, :t], batch.real[:, :t].long(), capacity - t, per_row=True)
         self.rows = batch.seq.shape[0]
         self.next = batch.n.clone()  # [B] slot where the session places each row's next token
@@ -57,7 +58,12 @@ class SessionRows:
     def forward(self, batch, tokens, offset: int, last_only: bool = False):
         start = batch.n + offset
         self.session.rewind(self.next - start)  # never negative: the loop only asks for slots it wrote or the next
-        logits = self.session.forward(tokens)[: self.rows]
+        try:
+            logits = self.session.forward(tokens)[: self.rows]
+        except Unsupported as e:  # a failed capture (new Q): later calls go eager at once; this one is rerun
+            if e.whole_model:
+                self.runtime.disabled = str(e)
+            raise
         self.next = start + tokens.shape[1]
         return logits[:, -1:] if last_only else logits
 
