@@ -83,8 +83,8 @@ if HAS_TRITON:
                            DIRECT: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        b = (bh // H).to(tl.int64)  # row offsets exceed 2^31 bytes at long context x large batch
+        h = (bh % H).to(tl.int64)
         R = G * QN
         offs_r = tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, D)
@@ -152,7 +152,7 @@ if HAS_TRITON:
         R = G * QN
         r = pid % R
         bh = pid // R
-        b = bh // H
+        b = (bh // H).to(tl.int64)
         h = bh % H
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, D)
@@ -192,7 +192,7 @@ def _words(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: float, bits: int, group: int,
-            out: torch.Tensor, block_n: int | None, splits: int | None) -> None:
+            out: torch.Tensor, block_n: int | None, splits: int | None, num_warps: int) -> None:
     b, hq, qn, d = query.shape
     h, c, w = kc.shape[1], kc.shape[2], rk.shape[2]
     g = hq // h
@@ -231,7 +231,7 @@ def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: f
         rk.stride(0), rk.stride(1), rk.stride(2), s_mb, s_mq, m.stride(3), out.stride(0), out.stride(1),
         out.stride(2), h, g, qn, c, w, per, splits, float(scale), float(floor),
         BITS=bits, GROUP=group, D=d, BLOCK_R=block_r, BLOCK_N=block_n, ADDITIVE=additive,
-        IEEE=query.dtype == torch.float32, DIRECT=direct, num_warps=4)
+        IEEE=query.dtype == torch.float32, DIRECT=direct, num_warps=num_warps)
     if not direct:
         _kvq_combine_kernel[(b * h * r,)](mo, lo, ao, out, out.stride(0), out.stride(1), out.stride(2), h, g, qn,
                                           splits, D=d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
@@ -239,10 +239,12 @@ def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: f
 
 def kvquant_decode_attention_triton(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: float,
                                     bits: int, group: int, block_n: int | None = None,
-                                    splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                                    splits: int | None = None, out: torch.Tensor | None = None,
+                                    num_warps: int = 4) -> torch.Tensor:
     """The kernels (no fallback); `block_n` (slots per tile, a power of two >= 16) and `splits` (programs per row and
     KV head) default to the launch heuristic, the tests pin them to walk several tiles and splits (and pass a
-    NaN-filled `out` [B, Q, Hq, D] to see that every element is written)."""
+    NaN-filled `out` [B, Q, Hq, D] to see that every element is written); bench_kv's kernel rows vary them and
+    `num_warps`. Defaults are untuned guesses (kernels/NOTES.md, "kvquant decode attention")."""
     b, hq, qn, d = query.shape
     if out is None:
         out = torch.empty(b, qn, hq, d, dtype=query.dtype, device=query.device)
@@ -251,7 +253,7 @@ def kvquant_decode_attention_triton(query, kc, ks, kz, vc, vs, vz, channel, rk, 
     for t0 in range(0, qn, step):
         t1 = min(qn, t0 + step)
         _launch(query[:, :, t0:t1], kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask[:, :, t0:t1], scale, bits,
-                group, out[:, t0:t1], block_n, splits)
+                group, out[:, t0:t1], block_n, splits, num_warps)
     return out
 
 

@@ -16,6 +16,18 @@ weights make calibration meaningless, and speed depends only on the share.
     python scripts/bench_kv.py --merge a.json b.json --out benchmarks/results/bench_kv.json   # + summary
     python scripts/bench_kv.py --tiny                                                        # CPU smoke run
 
+kvquant inside the fast runtime (a second one-call preset: each spec compiles the decode step, ~80 s on an H200):
+
+    python3 scripts/bench_kv.py --preset h200-fast --out $OUT/bench_kv_fast_h200.json    # <= 9 min on an H200
+    python scripts/bench_kv.py --preset h200-fast --tiny                                  # CPU smoke run
+
+It times decode (hf_accel.runtime.bench.measure: t(N new) - t(1 new), so the prefill cancels) of `fast`,
+`kvquant(bits=4)+fast`, `kvquant(bits=8)+fast` (attention reads the codes through the Triton kernel of
+kernels/kvquant_attention.py) and `kvquant(bits=4, kernel=torch)+fast` (the dequantised path it replaced) at 8k
+and 32k context, batch 1 (`--batches` for more; batch > 1 compiles again), with the predicted KV bytes per token
+and the copy-bandwidth limit of each row; first the kvquant kernel alone against bf16 matmul attention over the
+same context (8B attention shape), a few launch configurations each.
+
 Every run is one `model.generate` (greedy, `new` tokens, EOS off); a stopping criterion timestamps each step after
 a device sync, so prefill and decode are timed from the same call. `kv_mb` is the CUDA memory still held by the
 returned cache; `peak_gb` is the peak allocated memory of the call (weights included).
@@ -190,6 +202,139 @@ def preset_h200(ctx=32768, layers=LAYERS, kv_heads=KV_HEADS):
     return jobs
 
 
+FAST_KV = [("fast", "fast"), ("kvquant int4 + fast", "kvquant(bits=4)+fast"), ("kvquant int8 + fast", "kvquant(bits=8)+fast"),
+           ("kvquant int4 + fast dequantised", "kvquant(bits=4, kernel=torch)+fast")]
+
+
+def kv_bytes_per_token(config, spec: str) -> int:
+    """KV bytes one cached token costs a decode step (all layers, K and V): bf16 for `fast`; for kvquant the codes
+    plus a bf16 scale and minimum per group (the ring of recent full-precision tokens is a constant, left out)."""
+    import re
+
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_head = 2 * d * 2
+    if "kvquant" in spec:
+        bits = int(re.search(r"bits=(\d)", spec).group(1))
+        group = int(m.group(1)) if (m := re.search(r"group=(\d+)", spec)) else 32
+        per_head = 2 * (d * bits // 8 + 2 * (d // group) * 2)
+    return config.num_hidden_layers * kv_heads * per_head
+
+
+def fast_kv_rows(model, device, contexts, batches, new, repeats, time_left, save, copy_gbps=None):
+    """Decode tok/s of each FAST_KV spec at each (context, batch), compiled once per spec (the capacity is symbolic)."""
+    from hf_accel.runtime import get_runtime
+    from hf_accel.runtime.bench import measure, weight_bytes_per_step
+
+    rows = []
+    weights = weight_bytes_per_step(model)
+    for label, spec in FAST_KV:
+        hf_accel.remove(model)
+        applied = False
+        for ctx in contexts:
+            for batch in batches:
+                row = {"label": label, "spec": spec, "context": ctx, "batch": batch}
+                if time_left() <= 0:
+                    rows.append({**row, "skipped": "time limit"})
+                    continue
+                try:
+                    if not applied:
+                        hf_accel.apply(model, spec)
+                        applied = True
+                    row.update(measure(model, label, batch, ctx, new, repeats=repeats))
+                    rt = get_runtime(model)
+                    layers = [x for sess in rt.sessions.values() for x in sess.cache.layers]
+                    row["fast_path_used"] = rt.stats["calls"] > 0 and rt.stats["fallbacks"] == 0
+                    row["attention_reads_codes"] = bool(layers) and all(getattr(x, "reads_codes", False) for x in layers)
+                    row["compile_and_capture_s"] = round(row.pop("warmup_s"), 1)
+                except Exception as e:  # OOM, a failed compile: recorded, the next spec goes on
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                kv = kv_bytes_per_token(model.config, spec)
+                row["kv_bytes_per_token"] = kv
+                if copy_gbps and "decode_tok_s" in row:
+                    step = weights + batch * (ctx + new / 2) * kv
+                    row["limit_tok_s"] = round(batch * copy_gbps * 1e9 / step, 1)
+                    row["pct_of_limit"] = round(100 * row["decode_tok_s"] / row["limit_tok_s"], 1)
+                for key in ("decode_tok_s", "ms_per_step", "ttft_s", "t_n_s", "peak_mem_gb", "bytes_per_step_gb"):
+                    if key in row:
+                        row[key] = round(row[key], 4)
+                row.pop("bytes_per_step_gb", None)  # measure() counts a bf16 cache; kv_bytes_per_token is this spec's
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                save()
+    hf_accel.remove(model)
+    return rows
+
+
+def kvquant_kernel_rows(device, contexts=(8192, 32768), batches=(1, 8), copy_gbps=None):
+    """kvquant's decode-attention op alone on the 8B attention shape (8 KV heads x 4 query heads, d=128, group 32,
+    bf16 scales, every slot visible) vs bf16 matmul attention over the same context (the `fast` runtime's decode
+    attention, grouped heads folded). GB/s counts the bytes each must read: codes + scales (+ mask), or bf16 K/V."""
+    from hf_accel.kernels.kvquant_attention import (kvquant_decode_attention, kvquant_decode_attention_ref,
+                                                    kvquant_decode_attention_triton)
+    from hf_accel.plugins.kv_cache._layers import quantize
+    from hf_accel.runtime.attention import matmul_attention
+
+    rows = []
+    smoke = device != "cuda"
+    dt = torch.bfloat16 if not smoke else torch.float32
+    h, g, d, group, ring = 8, 4, 128, 32, 176
+    if smoke:
+        contexts, batches, h, d = (256,), (1, 2), 2, 32
+    for ctx in contexts:
+        for batch in batches:
+            try:
+                q = torch.randn(batch, h * g, 1, d, device=device, dtype=dt)
+                mask = torch.zeros(batch, 1, 1, ctx, device=device, dtype=dt)  # additive, as the runtime passes it
+                k = torch.randn(batch, h, ctx, d, device=device, dtype=dt)
+                v = torch.randn(batch, h, ctx, d, device=device, dtype=dt)
+                fns = {"bf16_matmul_attention": (lambda: matmul_attention(q.view(batch, h, g, d), k, v, mask),
+                                                 2 * batch * h * ctx * d * k.element_size())}
+                for bits in (8, 4):
+                    channel = k.abs().amax(2, keepdim=True).clamp(min=1e-4)
+                    kc, ks, kz = quantize(k / channel, bits, group)
+                    vc, vs, vz = quantize(v, bits, group)
+                    args = (q, kc, ks, kz, vc, vs, vz, channel, k[:, :, -ring:].contiguous(), v[:, :, -ring:].contiguous(),
+                            torch.tensor([ctx - 100], device=device), mask, d ** -0.5, bits, group)
+                    nbytes = 2 * batch * h * ctx * (d * bits // 8 + 2 * (d // group) * ks.element_size()) + mask.nbytes
+                    ref = kvquant_decode_attention_ref(*args).float()
+                    fns[f"kvquant_int{bits}"] = (functools.partial(kvquant_decode_attention, *args), nbytes, ref)
+                    if not smoke:
+                        for bn, nw in ((64, 4), (32, 8), (64, 8), (16, 4)):
+                            fns[f"kvquant_int{bits}_n{bn}_w{nw}"] = (functools.partial(
+                                kvquant_decode_attention_triton, *args, block_n=bn, num_warps=nw), nbytes, ref)
+                for name, (fn, nbytes, *ref) in fns.items():
+                    row = {"kernel_bench": name, "context": ctx, "batch": batch}
+                    try:
+                        out = fn()
+                        if ref:
+                            row["max_abs_err_vs_ref"] = round((out.float().reshape(ref[0].shape) - ref[0]).abs().max().item(), 5)
+                        if device == "cuda":
+                            from hf_accel.runtime.bench import graph_ms
+                            ms = graph_ms([fn])  # one CUDA graph replay: no launch gaps, as in the runtime
+                        else:
+                            t0 = time.perf_counter()
+                            fn()
+                            ms = (time.perf_counter() - t0) * 1e3
+                        row.update(ms=round(ms, 4), gb_read=round(nbytes / 1e9, 4), gbps=round(nbytes / ms / 1e6, 1))
+                        if copy_gbps:
+                            row["pct_of_copy_bw"] = round(100 * row["gbps"] / copy_gbps, 1)
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                del q, k, v
+            except Exception as e:
+                rows.append({"kernel_bench": "error", "context": ctx, "batch": batch,
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 KVPRESS_NOTE = ("kvpress 0.5.5 (the newest on the package index) requires transformers<5.3; installed without its "
                 "dependency pins on transformers 5.17.0 (CPU check), SnapKVPress / StreamingLLMPress / KnormPress / "
                 "ExpectedAttentionPress all fail in their forward hook with KeyError 'cache_position'")
@@ -308,7 +453,7 @@ def main(argv=None):
     ap.add_argument("--qc-contexts", type=int, nargs="*", help="contexts for the QuantizedCache rows (default: --contexts)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--quality", action="store_true", help="CPU quality rows on the 'tiny' reference model")
-    ap.add_argument("--preset", choices=["h200"], help="h200: the one-call run described at the top")
+    ap.add_argument("--preset", choices=["h200", "h200-fast"], help="the one-call runs described at the top")
     ap.add_argument("--kernels", action="store_true", help="also benchmark the paged decode-attention kernel alone")
     ap.add_argument("--merge", nargs="+")
     ap.add_argument("--out", default="benchmarks/results/bench_kv.json")
@@ -321,6 +466,8 @@ def main(argv=None):
     if args.preset == "h200":
         args.new, args.kernels = 24, True
         args.time_limit = min(args.time_limit, 300.0)
+    if args.preset == "h200-fast":
+        return main_fast(args, device)
     if args.tiny:
         args.contexts, args.batches, args.new = [64], [1, 2], 4
     start = time.perf_counter()
@@ -378,6 +525,64 @@ def main(argv=None):
     record["summary"] = summarize(record)
     save()
     print_table(record)
+
+
+def main_fast(args, device):
+    """--preset h200-fast: the kvquant kernel alone, then FAST_KV end to end (see the top of the file)."""
+    start = time.perf_counter()
+    contexts = [8192, 32768] if args.contexts == [8192, 32768] else args.contexts
+    batches = [1] if args.batches == [1, 8] else args.batches
+    new, repeats = 128, 2
+    if args.tiny:
+        contexts, batches, new, repeats = [256, 512], [1], 8, 1
+    limit = min(args.time_limit, 540.0)
+    record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "versions": versions(device),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "model": "Llama-3-8B shape, random bf16 weights" if not args.tiny else "tiny llama", "rows": []}
+
+    def save():
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        record["wall_s"] = round(time.perf_counter() - start, 1)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+    if device == "cuda":
+        record["copy_bandwidth"] = copy_bandwidth()
+    copy_gbps = record.get("copy_bandwidth", {}).get("copy_gbps")
+    record["kernel_rows"] = kvquant_kernel_rows(device, copy_gbps=copy_gbps)
+    save()
+    model = build_model(args.tiny, device)
+    record["fast_kv_rows"] = fast_kv_rows(model, device, contexts, batches, new, repeats,
+                                          lambda: limit - (time.perf_counter() - start), save, copy_gbps)
+    record["summary"] = summarize_fast(record)
+    save()
+    print(json.dumps(record["summary"], indent=1))
+
+
+def summarize_fast(record):
+    s = {"gpu": record["versions"].get("gpu"), "versions": record["versions"], "date": record["date"],
+         "command": record["command"], "model": record["model"]}
+    rows = {(r["label"], r["context"], r["batch"]): r for r in record.get("fast_kv_rows", []) if "decode_tok_s" in r}
+    for (label, ctx, batch), r in rows.items():
+        key = f"{label.replace(' + ', '_').replace(' ', '_')}_ctx{f'{ctx // 1024}k' if ctx >= 1024 else ctx}_b{batch}"
+        s[key + "_decode_tok_s"] = r["decode_tok_s"]
+        s[key + "_kv_bytes_per_token"] = r["kv_bytes_per_token"]
+        if "pct_of_limit" in r:
+            s[key + "_pct_of_limit"] = r["pct_of_limit"]
+        base = rows.get(("fast", ctx, batch))
+        if base and label != "fast":
+            s[key + "_speedup_vs_fast"] = round(r["decode_tok_s"] / base["decode_tok_s"], 3)
+        if "attention_reads_codes" in r and label != "fast":
+            s[key + "_attention_reads_codes"] = r["attention_reads_codes"]
+    for r in record.get("kernel_rows", []):
+        if "ms" in r:
+            ctx = r["context"]
+            k = f"kernel_{r['kernel_bench']}_ctx{f'{ctx // 1024}k' if ctx >= 1024 else ctx}_b{r['batch']}"
+            s[k + "_us"] = round(1000 * r["ms"], 2)
+            s[k + "_gbps"] = r["gbps"]
+    s["errors"] = {f"{r.get('label', r.get('kernel_bench'))} ctx{r['context']} b{r['batch']}": r["error"][:160]
+                   for r in record.get("fast_kv_rows", []) + record.get("kernel_rows", []) if "error" in r}
+    return s
 
 
 QUALITY_SPECS = ["", "sink(window={b4}, sinks=4, slack=0)", "h2o(budget={b}, slack=0)", "snapkv(budget={b}, window=16, slack=0)",
