@@ -225,7 +225,7 @@ class QuantLayerFactory:
     def reads_codes(self, head_dim: int, device) -> bool:
         """Whether decode steps hand attention a `QuantKV` view (the kernel path, see the module docstring)."""
         model = self.model()
-        if self.kernel == "torch" or model is None or mask_kind(model) != "fast":
+        if self.kernel == "torch" or getattr(model, "config", None) is None or mask_kind(model) != "fast":
             return False  # only `fast_sdpa` (the runtime's attention for "sdpa" models) knows the view
         if self.kernel == "triton":
             return True
