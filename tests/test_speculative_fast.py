@@ -162,6 +162,31 @@ def test_per_row_forward_traces_as_one_graph(target):
     hf_accel.remove(model)
 
 
+@pytest.mark.slow
+def test_compiled_per_row_step_on_cpu(target):
+    """The torch.compile path (inductor's CPU backend, 10-25 s): per-row verify steps of batch 3 and 2 share one
+    compile (batch symbolic, as for the decode step) and the tokens stay the target's."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model = copy.deepcopy(target)
+    torch._dynamo.reset()
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for batch, seed in ((3, 1), (2, 2)):
+        ids, mask = prompts(batch, seed)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        ref = model.generate(**kw)
+        hf_accel.apply(model, "fast+lookup(k=3)")
+        rt = get_runtime(model)
+        rt._follow_model()
+        rt.use_compile = True
+        try:
+            out = model.generate(**kw)
+            assert torch.equal(out, ref) and model.hf_accel_spec_stats["runtime"]
+        finally:
+            hf_accel.remove(model)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 1
+
+
 @pytest.mark.parametrize("method", ["draft", "lookup"])
 def test_sampling_follows_target_distribution(small_pair, method):
     target, path, prompt, exact = small_pair
@@ -285,17 +310,19 @@ def test_gpu_greedy_identical_with_cuda_graphs(compile, tmp_path):
     smaller_perturbed_copy(model.cpu(), layers=1, noise=0.3).save_pretrained(tmp_path / "draft")
     model.cuda()
     fast = f"fast(compile={compile}, decode_attention=sdpa)"
+    runs = []
+    for batch in (1, 3):
+        ids, mask = prompts(batch, seed=batch)
+        kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, do_sample=False)
+        runs.append((batch, kw, model.generate(**kw)))
     for method in ("draft", "lookup", "recycle"):
-        for batch in (1, 3):
-            ids, mask = prompts(batch, seed=batch)
-            kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, do_sample=False)
-            ref = model.generate(**kw)
-            hf_accel.apply(model, spec_for(method, tmp_path / "draft", fast))
-            try:
+        hf_accel.apply(model, spec_for(method, tmp_path / "draft", fast))
+        try:
+            for batch, kw, ref in runs:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", UserWarning)
                     out = model.generate(**kw)
                 assert torch.equal(out, ref), f"{method} batch {batch}"
                 assert model.hf_accel_spec_stats["runtime"] and get_runtime(model).stats["captures"] >= 1
-            finally:
-                hf_accel.remove(model)
+        finally:
+            hf_accel.remove(model)

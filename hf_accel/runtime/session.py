@@ -469,6 +469,9 @@ class Session:
 
         key = ("forward", q, per_row)
         self.cache.set_slots(slots)
+        if rt.use_compile and self.batch > 1 and key not in self.graphs:  # symbolic batch, as the decode step's
+            for t in (tok, pos, slots) if per_row else (tok, pos):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         if key not in self.graphs and rt.use_graphs:
             saved = next_slot.clone(), st.positions.clone()
 
