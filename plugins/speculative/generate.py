@@ -99,7 +99,8 @@ def hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_co
 
 def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dict:
     """What every speculative plugin's apply() does (drafters and medusa): `model.generate` decodes through
-    `speculative_generate` with drafters from `make_drafter(batch, sampler)`; returns the stats dict."""
+    `speculative_generate` with drafters from `make_drafter(batch, sampler, open_rows)`; with `fast` applied, on
+    the runtime's sessions (backends.py); returns the stats dict."""
     stats: dict = {}
 
     def decode(model, input_ids, attention_mask, *, warn, **planned):
