@@ -16,8 +16,9 @@ Phases (each under its share of --budget-s; past it the remaining variants are r
    copy bandwidth (bytes read + written) is measured in the same run: "% copy" = bytes / time / copy bandwidth.
 2. model pass: all 225 linears of the 8B shape at batch 1 in one CUDA graph, per format (lm_head bf16).
 3. end to end (fast runtime, `hf_accel.runtime.bench.measure`): decode tokens/s at batch 1 / 4 / 16 (prompt 128)
-   and prefill of 2048 tokens (one forward, logits of the last token). Order: int4 g128, bf16, int8, torchao int4,
-   torchao int8, fp8 (+ W8A8 prefill), int4 g64, mxfp4. The first --max-compiled (2) run batch 1 with
+   and prefill of 2048 tokens (one forward, logits of the last token). Order: int4 g128, bf16, int8, torchao int4
+   (tinygemm layout: see torchao_config), torchao int8, bitsandbytes nf4, fp8 (+ W8A8 prefill), int4 g64, mxfp4.
+   torchao and bitsandbytes are not in the GPU image: install their wheels first (pip install --no-deps). The first --max-compiled (2) run batch 1 with
    torch.compile (fast(tune=false): no coordinate-descent tuning, whose 8B compile takes ~100 s) and their other
    batches eagerly; the rest, or when the remaining budget cannot pay another compile, run with
    fast(compile=False) (eager kernels inside the CUDA graph). Each row says which (`compiled`). With the default
@@ -367,6 +368,7 @@ VARIANTS = {  # name: hf_accel weight spec (None: bf16) or torchao config
     "int8": "int8",
     "torchao_int4": "torchao:int4",
     "torchao_int8": "torchao:int8",
+    "bnb_nf4": "bnb:nf4",
     "fp8": "fp8(activations=dynamic)",
     "int4g64": "int4(group_size=64, method=rtn)",
     "mxfp4": "fp4(format=mxfp4)",
@@ -428,6 +430,40 @@ def prefill_ms(model, tokens: int, dev, repeats: int = 5) -> float:
     return statistics.median(ts)
 
 
+def torchao_config(spec: str, Int4WeightOnlyConfig, Int8WeightOnlyConfig):
+    """torchao's weight-only configs. Its int4 default layout ("plain", 0.15+) runs on the mslk package's CUTLASS
+    kernels, and mslk is not on PyPI (only a 0.0.0 placeholder), so int4 uses the tinygemm layout
+    (`aten._weight_int4pack_mm`, torchao's long-standing int4 path, gpt-fast's), which ships with torch."""
+    if spec.endswith("int8"):
+        return Int8WeightOnlyConfig(), "int8 weight-only"
+    try:
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"), "int4 g128 tinygemm"
+    except TypeError:  # torchao < 0.14: tinygemm was the only layout
+        return Int4WeightOnlyConfig(group_size=128), "int4 g128 (default layout)"
+
+
+def bnb_nf4_(model) -> int:
+    """bitsandbytes NF4 (QLoRA's format: blocks of 64, double-quantized absmax, bf16 compute) for every linear but
+    lm_head, as transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") would load them."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for parent in list(model.modules()):
+        for cname, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear) or child is model.get_output_embeddings():
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                  device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True).to(child.weight.device)  # quantizes here
+            if child.bias is not None:
+                q.bias = child.bias
+            setattr(parent, cname, q)
+            n += 1
+    return n
+
+
 def worker(args) -> None:
     """One variant: build, quantize, prefill, decode at each batch; one JSON line per result into args.rows_out."""
     import hf_accel
@@ -452,9 +488,15 @@ def worker(args) -> None:
 
         import torchao
 
-        cfg = Int4WeightOnlyConfig(group_size=128) if spec.endswith("int4") else Int8WeightOnlyConfig()
+        cfg, layout = torchao_config(spec, Int4WeightOnlyConfig, Int8WeightOnlyConfig)
         quantize_(model, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and "lm_head" not in fqn)
-        emit({"event": "quantized", "torchao": torchao.__version__, "s": time.time() - t0})
+        emit({"event": "quantized", "torchao": torchao.__version__, "layout": layout, "s": time.time() - t0})
+        hf_accel.apply(model, f"fast(compile={compile_}{args.fast_options})")
+    elif spec == "bnb:nf4":
+        import bitsandbytes
+
+        n = bnb_nf4_(model)
+        emit({"event": "quantized", "bitsandbytes": bitsandbytes.__version__, "linears": n, "s": time.time() - t0})
         hf_accel.apply(model, f"fast(compile={compile_}{args.fast_options})")
     else:  # weights and runtime in one spec (the runtime only patches generate(): model(...) stays the eager forward)
         hf_accel.apply(model, f"{spec}+fast(compile={compile_}{args.fast_options})" if spec
@@ -594,7 +636,7 @@ def build_summary(res, bw, info, dims) -> dict:
             if v != "bf16":
                 s[f"e2e_prefill_speedup_{v}" + (f"_{mode.replace('-', '_')}" if mode else "") + "_vs_bf16"] = round(
                     r["tok_s"] / pf[("bf16", "")]["tok_s"], 3)
-    for ours, theirs in (("int4g128", "torchao_int4"), ("int8", "torchao_int8")):
+    for ours, theirs in (("int4g128", "torchao_int4"), ("int8", "torchao_int8"), ("int4g128", "bnb_nf4")):
         if (ours, 1) in dec and (theirs, 1) in dec:
             s[f"e2e_decode_ratio_{ours}_vs_{theirs}_bs1"] = round(dec[(ours, 1)]["decode_tok_s"] / dec[(theirs, 1)]["decode_tok_s"], 3)
     if dims is not SMOKE:
