@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .attention import as_kind, decode_mask
+
 
 KV_LAYER_ATTR = "_hf_accel_kv_layer"  # a KV plugin's layer factory on the model (contract point 2 in __init__)
 
@@ -84,9 +86,21 @@ class KVCache(Cache):
     def __init__(self, layers: list):
         super().__init__(layers=layers)
 
-    def set_prefill(self, rows: slice | None) -> None:
+    def set_prefill(self, rows: slice | None, valid: torch.Tensor | None = None) -> None:
+        """Prefill mode for `rows` (None: decode). `valid` [rows, T] (True = real prompt token, False = left
+        padding) is handed to the layers as `prefill_valid`, for those that choose what to keep."""
         for layer in self.layers:
             layer.prefill_rows = rows
+            layer.prefill_valid = valid
+
+    def decode_mask(self, prompt_valid, prompt_len, slots, window, kind: str, dtype):
+        """The decode step's 4-D mask [B, 1, Q, C]. Layers that store keys at slots of their own (an eviction
+        policy's compacted prompt, contract point 2) say what each query sees (`visible(slots)` -> bool [B, Q, C]
+        over their storage); otherwise slot = sequence position and `decode_mask` builds it from the prompt."""
+        visible = getattr(self.layers[0], "visible", None)
+        if visible is None:
+            return decode_mask(prompt_valid, prompt_len, slots, window, kind, dtype)
+        return as_kind(visible(slots)[:, None], "additive" if kind == "fast" else kind, dtype)
 
     def set_slots(self, slots: torch.Tensor) -> None:
         for layer in self.layers:

@@ -185,7 +185,7 @@ def fast_generate(runtime: Runtime, input_ids: torch.Tensor, attention_mask, pla
     runtime.check(capacity)
     if len(plan.eos) > 8:
         raise Unsupported(f"{len(plan.eos)} EOS token ids (at most 8)", whole_model=False)
-    session = runtime.session(n_rows, capacity)
+    session = runtime.session(n_rows, capacity, t, max_new)
     st = session.state
     key = plan.key
     session.prepare_decode(key)

@@ -24,7 +24,7 @@ import torch
 
 from ..compat import cache_kwarg
 from ..distributed import local_kv_heads, offload_reason
-from .attention import decode_mask, mask_kind, prefill_mask, use_fast_attention
+from .attention import mask_kind, prefill_mask, use_fast_attention
 from .cache import KV_LAYER_ATTR, KVCache, KVPool, Unsupported
 from .sampling import SamplingPlan, StepKey, choose, process
 
@@ -111,7 +111,7 @@ def sample_and_record(logits: torch.Tensor, st: State, key: StepKey) -> None:
 
 def forward_tokens(model, cache, tokens, positions, slots, prompt_valid, prompt_len, window: int, kind: str, dtype):
     """Logits [B, Q, V] of Q new tokens whose K/V go to `slots` (the cache's layers were pointed at `slots`)."""
-    mask = decode_mask(prompt_valid, prompt_len, slots, window, kind, dtype)
+    mask = cache.decode_mask(prompt_valid, prompt_len, slots, window, kind, dtype)  # the layers may store their own way
     out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
                 **{cache_kwarg(model): cache})
     return out.logits
@@ -234,13 +234,21 @@ class Runtime:
 
     # --- sessions --------------------------------------------------------------------------------------------------
 
-    def session(self, batch: int, capacity: int) -> "Session":
-        key = (bucket_batch(batch), capacity)
-        if key[0] * key[1] > self.pool.tokens:  # the pool must move: every graph points at the old storage
+    def session(self, batch: int, capacity: int, prompt_len: int | None = None,
+                new_tokens: int | None = None) -> "Session":
+        """The session of a bucket. A KV plugin's factory with `kv_capacity(prompt_len, new_tokens)` (an eviction
+        policy: kept prompt tokens + new ones) sizes its layers below the sequence capacity; the key then ends with
+        that size (contract point 2 in __init__)."""
+        factory = self.kv_factory()
+        sizer = getattr(factory, "kv_capacity", None)
+        kv = capacity
+        if sizer is not None and prompt_len is not None:
+            kv = min(capacity, sizer(prompt_len, capacity - prompt_len if new_tokens is None else new_tokens))
+        key = (bucket_batch(batch), capacity) if kv == capacity else (bucket_batch(batch), capacity, kv)
+        if key[0] * kv > self.pool.tokens:  # the pool must move: every graph points at the old storage
             self._drop_graphs()  # first, so that the old storage is free before the new one is taken
-            factory = self.kv_factory()
             self._release_factory()  # a KV plugin's layers take the pool's place: it frees its storage too
-            self.pool.ensure(*key, allocate=factory is None)
+            self.pool.ensure(key[0], kv, allocate=factory is None)
             self.stats["pool_moves"] += 1
         if key not in self.sessions:
             self.sessions[key] = Session(self, *key)
@@ -257,7 +265,7 @@ class Runtime:
         n, t = input_ids.shape
         capacity = bucket_capacity(t + max_new_tokens)
         self.check(capacity)
-        session = self.session(n, capacity)
+        session = self.session(n, capacity, t, max_new_tokens)
         session.per_row = per_row and session.batch > 1  # one row: the shared slot is that row's slot
         if session.per_row and not all(getattr(layer, "per_row_slots", False) for layer in session.cache.layers):
             raise Unsupported("the KV layers take one slot index for all rows (no `per_row_slots`), so rows cannot "
@@ -297,11 +305,11 @@ class Runtime:
 class Session:
     """One (batch, capacity) bucket: its cache views, its state and the graphs captured over them."""
 
-    def __init__(self, rt: Runtime, batch: int, capacity: int):
+    def __init__(self, rt: Runtime, batch: int, capacity: int, kv_capacity: int | None = None):
         self.rt, self.batch, self.capacity = rt, batch, capacity
         factory = rt.kv_factory()
         if factory is not None:
-            layers = [factory(i, batch, capacity, rt.kv_heads, rt.head_dim, rt.dtype, rt.device)
+            layers = [factory(i, batch, kv_capacity or capacity, rt.kv_heads, rt.head_dim, rt.dtype, rt.device)
                       for i in range(rt.config.num_hidden_layers)]
         else:
             layers = rt.pool.layers(batch, capacity)
@@ -421,7 +429,7 @@ class Session:
         with use_fast_attention(rt.model, rt.decode_attention):
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                self.cache.set_prefill(slice(r0, r1))
+                self.cache.set_prefill(slice(r0, r1), valid[r0:r1])
                 try:
                     out = rt.model(input_ids=input_ids[r0:r1], position_ids=position_ids[r0:r1],
                                    attention_mask=prefill_mask(valid[r0:r1], rt.window, rt.kind, rt.dtype),
