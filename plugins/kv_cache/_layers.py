@@ -346,10 +346,12 @@ class KVCache(Cache):
 
     @property
     def runtime_servable(self) -> bool:
-        """The fast runtime may serve a call given this cache (hf_accel/runtime/__init__.py, contract point 2): no
-        eviction policy (kvquant alone runs in the runtime's own static layers, `_fast.py`) and nothing stored yet
-        (multi-turn continues here). The cache is then used only if the call falls back to transformers' loop."""
-        return self.policy is None and self.get_seq_length() == 0
+        """The fast runtime may serve a call given this cache (hf_accel/runtime/__init__.py, contract point 2): kvquant
+        alone (the runtime's static quantized layers, `_fast.py`) or an eviction policy alone that has static layers
+        (`fast_servable`: snapkv, sink; `_fast_evict.py`), and nothing stored yet (multi-turn continues here). The
+        cache is then used only if the call falls back to transformers' loop."""
+        servable = self.policy is None or (self.quant_config is None and getattr(self.policy, "fast_servable", False))
+        return servable and self.get_seq_length() == 0
 
     # -- what is stored ----------------------------------------------------------------------------------------------
     def stored_tokens(self) -> list[int]:
