@@ -1,0 +1,422 @@
+"""2:4 sparse weights (two kept values in every group of four consecutive inputs): compressed storage, plain-torch
+reference, Triton decode kernels (M = 1..64 rows, any M correct), the op `hf_accel::sparse24_linear`.
+
+Format (what `prune(pattern=2:4)` saves; `Sparse24Linear.weight` / `.weight_meta`), W dense [N, K], K % 8 == 0:
+- `values` [N, K/2] in the model dtype: value i of a row belongs to group g = i // 2 (dense columns 4g..4g+3);
+  values 2g, 2g+1 are the group's kept weights in increasing column order.
+- `meta` uint8 [N, K/8]: the position 0..3 of value i inside its group in bits 2·(i % 4) of byte i // 4. So byte b
+  describes groups 2b (bits 0-3: p0 | p1 << 2) and 2b+1 (bits 4-7); always p0 < p1 (also for groups with fewer than
+  two nonzeros: the missing ones are stored as kept zeros at the lowest free positions).
+Bytes per weight: 0.5 (bf16 values) + 0.0625 (meta) = 0.5625x dense bf16.
+
+Kernels (each checked against `sparse24_linear_ref` under TRITON_INTERPRET=1, tests/test_sparse24_kernel.py). The
+values are read as int32 words, one word = one group's pair (little-endian: v0 = low half, v1 = high half), so a
+[BLOCK_N, BKG] word tile (BKG = BLOCK_K/4 groups) is one contiguous, vectorisable load per row and is read once;
+the meta byte of group g is loaded through a 2-D pointer grid at g // 2 (each byte twice, the repeat from L1) and
+shifted by 4·(g % 2). Nothing is reshaped: x is read as four "planes" x_j[m, g] = x[m, 4g + j] (strided loads of
+the small activation tile, shared by all BLOCK_N rows), and y = sum_g sum_j d_j[n, g] x_j[m, g] where the dense
+plane d_j[n, g] = W[n, 4g + j] = v0 if p0 == j, v1 if p1 == j, else 0. bf16 -> fp32 is integer work only
+(v0 = word << 16, v1 = word & 0xFFFF0000, bitcast); fp16 converts. fp32 accumulation, one rounding at the store.
+- `_s24_bgemv`, kind "xsel" (decode, M = 1..4 by default): never builds the dense tile: for each kept value it
+  selects the x element its position names (xa = x_{p0}, xb = x_{p1}: p0 in {0,1,2}, p1 in {1,2,3}, two selects
+  each) and does 2 FMAs per group and row: ~4.5 ALU ops per dense weight at M = 1 against ~7.5 when expanding.
+  BLOCK_M rows of x per program reuse each loaded tile from registers ([BLOCK_M, BLOCK_N, BKG] fp32 accumulator,
+  reduced once at the end, or every step with acc3=False).
+- `_s24_bgemv`, kind "planes" (M = 5..15): expands the four dense planes once per tile (6 selects per group) and
+  reuses them for every row: 4 FMAs per group and row instead of xsel's 4 selects + 2 FMAs.
+- `_s24_dot`, kind "dot" (M = 16..64): the four planes, built as 16-bit patterns in x's dtype, are the MMA's A
+  operand (W rows fill the MMA's M dimension, "swap AB" as in w8.py), the x planes x_j^T [BKG, BLOCK_M] the B
+  operand: acc += d_j @ x_j^T for j = 0..3, fp32 accumulator; tensor cores from M = 16 because a broadcast
+  multiply costs BLOCK_M FMAs per weight on the CUDA cores and the weight bytes stop being the limit there.
+- Every kernel has optional split-K (fp32 partials [S, M, N], then `_base.splitk_reduce`, which adds the bias):
+  for few output rows (k/v: 1024 rows = 128 programs of 8) the K reduction is spread over more programs.
+- M > DOT_M (64): decompress to a dense weight (torch), then cuBLAS; the pruning module uses the semi-structured
+  (cuSPARSELt / CUTLASS) path for prefill instead.
+Tails: any N (rows past N re-read row 0 and are not stored); any K % 8 == 0 (groups past K masked). K % 8 != 0 is
+refused by `compress_24`. Known difference from the reference: "xsel" never reads the x entries at pruned
+positions, so an inf/NaN there does not propagate (the dense product's 0 * inf would).
+
+Launch configurations: `TUNED` (device, M bucket, N, K) -> {"kernel": "xsel" | "planes" | "dot" | "dense", LaunchConfig
+fields}, empty until `scripts/bench_prune.py` has swept the 8B shapes on the GPU; elsewhere `default_config`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._base import (DOT_M, HAS_TRITON, SIBLING, LaunchConfig, device_key, dot, flatten, interpreting, m_bucket,
+                    sm_count, split_plan, splitk_reduce, use_triton)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# format: compress / decompress, plain-torch reference
+# ---------------------------------------------------------------------------------------------------------------
+def compress_24(weight: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N, K/2], meta uint8 [N, K/8]) of a 2:4-sparse weight [N, K] (format: module docstring).
+
+    Without `keep`, the nonzeros of `weight` define the pattern: every group of 4 consecutive columns must hold at
+    most 2 nonzeros (groups with fewer store zeros at their lowest free positions). With `keep` (bool [N, K]), it
+    must keep exactly 2 of every 4 and `weight` must be zero wherever it is False. Anything else raises ValueError
+    (a dense or wrongly pruned weight cannot be stored 2:4)."""
+    if weight.dim() != 2:
+        raise ValueError(f"2:4 compressed storage takes a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    out, cols = weight.shape
+    if cols % 8:
+        raise ValueError(f"2:4 compressed storage needs in_features divisible by 8, got {cols}")
+    groups = weight.reshape(out, cols // 4, 4)
+    nz = groups != 0
+    if keep is None:
+        counts = nz.sum(-1)
+        bad = counts > 2
+        if bad.any():
+            r, g = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"weight is not 2:4 sparse: {int(bad.sum())} of {counts.numel()} groups of 4 consecutive "
+                             f"inputs hold more than 2 nonzeros (first: row {r}, columns {4 * g}..{4 * g + 3}); "
+                             "prune it first, e.g. prune(pattern=2:4)")
+        score = nz.to(torch.int8) * 4 + torch.tensor([3, 2, 1, 0], dtype=torch.int8, device=weight.device)
+    else:
+        if keep.shape != weight.shape:
+            raise ValueError(f"mask shape {tuple(keep.shape)} != weight shape {tuple(weight.shape)}")
+        kg = keep.reshape(out, cols // 4, 4).bool()
+        if not (kg.sum(-1) == 2).all():
+            raise ValueError("the 2:4 mask must keep exactly 2 of every 4 consecutive inputs")
+        if (nz & ~kg).any():
+            raise ValueError(f"weight has {int((nz & ~kg).sum())} nonzeros where the 2:4 mask prunes")
+        score = kg.to(torch.int8)
+    pos = score.topk(2, dim=-1).indices.sort(dim=-1).values  # (out, g, 2), p0 < p1
+    values = groups.gather(-1, pos).reshape(out, cols // 2)
+    p = pos.reshape(out, cols // 8, 4).to(torch.uint8)
+    meta = p[..., 0] | (p[..., 1] << 2) | (p[..., 2] << 4) | (p[..., 3] << 6)
+    return values.contiguous(), meta.contiguous()
+
+
+def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense [N, K] weight (values' dtype), zeros where pruned. Exact."""
+    out, half = values.shape
+    if meta.shape != (out, half // 4) or half % 4:
+        raise ValueError(f"2:4 meta must be [N, K/8] = {(out, half // 4)} for values {tuple(values.shape)}, "
+                         f"got {tuple(meta.shape)}")
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=meta.device)
+    pos = ((meta[..., None] >> shifts) & 3).reshape(out, half // 2, 2).long()
+    dense = torch.zeros(out, half // 2, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, pos, values.reshape(out, half // 2, 2))
+    return dense.reshape(out, half * 2)
+
+
+def sparse24_linear_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x @ W.T + bias with W = decompress_24(values, meta), in x's dtype."""
+    return F.linear(x, decompress_24(values, meta).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _dot = dot
+
+    @triton.jit
+    def _pair_f32(w, IS_BF16: tl.constexpr):
+        """int32 words (one group's two kept values) -> (v0, v1) in fp32."""
+        if IS_BF16:
+            v0 = (w << 16).to(tl.float32, bitcast=True)
+            v1 = (w & -65536).to(tl.float32, bitcast=True)  # 0xFFFF0000
+        else:
+            v0 = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            v1 = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return v0, v1
+
+    @triton.jit
+    def _s24_bgemv(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, G, STEPS, stride_xm, stride_vn, stride_mn, stride_ym,
+                   IS_BF16: tl.constexpr, XSEL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                   SPLIT: tl.constexpr, ACC3: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BKG: tl.constexpr):
+        """Batched GEMV on CUDA cores: program (n, m, s) covers BLOCK_N rows of W, BLOCK_M rows of x and STEPS
+        blocks of BKG groups (4·BKG inputs) starting at s·STEPS·BKG. v_ptr: the values as int32 words [N, G]."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn_in = tl.where(rn < N, rn, 0)  # rows past N re-read row 0 (in bounds) instead of masking every load
+        rm_in = tl.where(rm < M, rm, 0)
+        rg = tl.arange(0, BKG)
+        g_first = pid_k * STEPS * BKG  # even (BKG is), so group g's meta nibble is picked by rg's parity
+        w_ptrs = v_ptr + rn_in[:, None].to(tl.int64) * stride_vn + (g_first + rg)[None, :]
+        mt_ptrs = m_ptr + rn_in[:, None].to(tl.int64) * stride_mn + ((g_first + rg) // 2)[None, :]
+        shift = ((rg % 2) * 4)[None, :]
+        x_ptrs = x_ptr + rm_in[:, None].to(tl.int64) * stride_xm + (4 * (g_first + rg))[None, :]  # plane 0
+        if ACC3:
+            acc = tl.zeros([BLOCK_M, BLOCK_N, BKG], dtype=tl.float32)
+        else:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for step in range(0, STEPS):
+            if EVEN:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                mb = tl.load(mt_ptrs, eviction_policy="evict_first")
+                x0 = tl.load(x_ptrs)
+                x1 = tl.load(x_ptrs + 1)
+                x2 = tl.load(x_ptrs + 2)
+                x3 = tl.load(x_ptrs + 3)
+            else:
+                g_in = (g_first + step * BKG + rg) < G
+                w = tl.load(w_ptrs, mask=g_in[None, :], other=0, eviction_policy="evict_first")
+                mb = tl.load(mt_ptrs, mask=g_in[None, :], other=0, eviction_policy="evict_first")
+                x0 = tl.load(x_ptrs, mask=g_in[None, :], other=0.0)
+                x1 = tl.load(x_ptrs + 1, mask=g_in[None, :], other=0.0)
+                x2 = tl.load(x_ptrs + 2, mask=g_in[None, :], other=0.0)
+                x3 = tl.load(x_ptrs + 3, mask=g_in[None, :], other=0.0)
+            t = mb.to(tl.int32) >> shift
+            p0 = t & 3
+            p1 = (t >> 2) & 3
+            v0, v1 = _pair_f32(w, IS_BF16)
+            x0 = x0.to(tl.float32)[:, None, :]
+            x1 = x1.to(tl.float32)[:, None, :]
+            x2 = x2.to(tl.float32)[:, None, :]
+            x3 = x3.to(tl.float32)[:, None, :]
+            if XSEL:  # p0 < p1: p0 in {0, 1, 2}, p1 in {1, 2, 3}
+                xa = tl.where((p0 == 0)[None, :, :], x0, tl.where((p0 == 1)[None, :, :], x1, x2))
+                xb = tl.where((p1 == 3)[None, :, :], x3, tl.where((p1 == 2)[None, :, :], x2, x1))
+                part = v0[None, :, :] * xa + v1[None, :, :] * xb
+            else:
+                d0 = tl.where(p0 == 0, v0, 0.0)
+                d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, 0.0))
+                d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, 0.0))
+                d3 = tl.where(p1 == 3, v1, 0.0)
+                part = d0[None, :, :] * x0 + d1[None, :, :] * x1 + d2[None, :, :] * x2 + d3[None, :, :] * x3
+            if ACC3:
+                acc += part
+            else:
+                acc2 += tl.sum(part, axis=2)
+            w_ptrs += BKG
+            mt_ptrs += BKG // 2
+            x_ptrs += 4 * BKG
+        if ACC3:
+            y = tl.sum(acc, axis=2)
+        else:
+            y = acc2
+        ok = (rm < M)[:, None] & (rn < N)[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn_in).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(y_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :], y, mask=ok)
+
+    @triton.jit
+    def _s24_dot(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, G, STEPS, stride_xm, stride_vn, stride_mn, stride_ym,
+                 HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BKG: tl.constexpr, INTERPRET: tl.constexpr):
+        """Tensor cores: acc[n, m] += sum_j d_j[n, g] x_j^T[g, m], the dense planes built as 16-bit patterns in x's
+        dtype (exact: they are the stored values or zero)."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn_in = tl.where(rn < N, rn, 0)
+        rm_in = tl.where(rm < M, rm, 0)
+        rg = tl.arange(0, BKG)
+        g_first = pid_k * STEPS * BKG
+        w_ptrs = v_ptr + rn_in[:, None].to(tl.int64) * stride_vn + (g_first + rg)[None, :]
+        mt_ptrs = m_ptr + rn_in[:, None].to(tl.int64) * stride_mn + ((g_first + rg) // 2)[None, :]
+        shift = ((rg % 2) * 4)[None, :]
+        x_ptrs = x_ptr + rm_in[None, :].to(tl.int64) * stride_xm + (4 * (g_first + rg))[:, None]  # [BKG, BM]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        xdt = x_ptr.dtype.element_ty
+        for step in range(0, STEPS):
+            if EVEN:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                mb = tl.load(mt_ptrs, eviction_policy="evict_first")
+                x0 = tl.load(x_ptrs)
+                x1 = tl.load(x_ptrs + 1)
+                x2 = tl.load(x_ptrs + 2)
+                x3 = tl.load(x_ptrs + 3)
+            else:
+                g_in = (g_first + step * BKG + rg) < G
+                w = tl.load(w_ptrs, mask=g_in[None, :], other=0, eviction_policy="evict_first")
+                mb = tl.load(mt_ptrs, mask=g_in[None, :], other=0, eviction_policy="evict_first")
+                x0 = tl.load(x_ptrs, mask=g_in[:, None], other=0.0)
+                x1 = tl.load(x_ptrs + 1, mask=g_in[:, None], other=0.0)
+                x2 = tl.load(x_ptrs + 2, mask=g_in[:, None], other=0.0)
+                x3 = tl.load(x_ptrs + 3, mask=g_in[:, None], other=0.0)
+            t = mb.to(tl.int32) >> shift
+            p0 = t & 3
+            p1 = (t >> 2) & 3
+            hi = w >> 16
+            d0 = tl.where(p0 == 0, w, 0).to(tl.int16).to(xdt, bitcast=True)
+            d1 = tl.where(p0 == 1, w, tl.where(p1 == 1, hi, 0)).to(tl.int16).to(xdt, bitcast=True)
+            d2 = tl.where(p0 == 2, w, tl.where(p1 == 2, hi, 0)).to(tl.int16).to(xdt, bitcast=True)
+            d3 = tl.where(p1 == 3, hi, 0).to(tl.int16).to(xdt, bitcast=True)
+            acc = _dot(d0, x0, acc, INTERPRET)
+            acc = _dot(d1, x1, acc, INTERPRET)
+            acc = _dot(d2, x2, acc, INTERPRET)
+            acc = _dot(d3, x3, acc, INTERPRET)
+            w_ptrs += BKG
+            mt_ptrs += BKG // 2
+            x_ptrs += 4 * BKG
+        ok = (rn < N)[:, None] & (rm < M)[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn_in).to(tl.float32)[:, None]
+            tl.store(y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=ok)
+        else:
+            tl.store(y_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None], acc, mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch
+# ---------------------------------------------------------------------------------------------------------------
+KINDS = ("xsel", "planes", "dot", "dense")
+XSEL_MAX_M = 4  # default: "xsel" up to 4 rows, "planes" up to 15, "dot" from 16 (ALU counts in the docstring)
+DOT_MIN_M = 16
+# (device, M bucket, N, K) -> {"kernel": one of KINDS, LaunchConfig fields}; filled from the GPU sweep of
+# scripts/bench_prune.py (its "tuned_sparse24" list). An H200 falls back to H100 entries (_base.SIBLING).
+TUNED: dict = {}
+
+
+def _split_for(programs: int, steps: int, sms: int) -> int:
+    split = 1
+    while programs * split < 2 * sms and split < 8 and steps >= 2 * split:
+        split *= 2
+    return split
+
+
+def _bgemv_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
+    groups = k // 4
+    block_m = max(1, min(16, triton.next_power_of_2(m)))
+    block_n = 8 if block_m <= 2 else 4
+    bkg = min(128 if block_m <= 2 else 64, max(2, triton.next_power_of_2(groups)))
+    split = _split_for(-(-n // block_n) * -(-m // block_m), -(-groups // bkg), sms)
+    return LaunchConfig(block_n=block_n, block_k=4 * bkg, block_m=block_m, num_warps=4, split_k=split)
+
+
+def _dot_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
+    groups = k // 4
+    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    block_n = 64 if -(-n // 64) >= sms else 32
+    bkg = 64 if groups >= 64 else max(16, triton.next_power_of_2(groups))
+    split = _split_for(-(-n // block_n) * -(-m // block_m), -(-groups // bkg), sms)
+    return LaunchConfig(block_n=block_n, block_k=4 * bkg, block_m=block_m, num_warps=4, num_stages=2, split_k=split)
+
+
+def default_config(m: int, n: int, k: int, sms: int) -> tuple[str, LaunchConfig | None]:
+    """The untuned choice: "xsel" (M <= 4), "planes" (M < 16), "dot" (M <= DOT_M), "dense" above; split-K doubled
+    (at most 8) until the programs cover two waves of the SMs."""
+    if m > DOT_M:
+        return "dense", None
+    if m >= DOT_MIN_M:
+        return "dot", _dot_default(m, n, k, sms)
+    return ("xsel" if m <= XSEL_MAX_M else "planes"), _bgemv_default(m, n, k, sms)
+
+
+def choose(m: int, n: int, k: int, device: torch.device) -> tuple[str, LaunchConfig | None]:
+    key = device_key(device)
+    for dev in (key, SIBLING.get(key)):
+        hit = TUNED.get((dev, m_bucket(m), n, k))
+        if hit is not None:
+            hit = dict(hit)
+            kind = hit.pop("kernel")
+            return kind, (LaunchConfig(**hit) if hit else None)
+    return default_config(m, n, k, sm_count(device))
+
+
+def _check(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> None:
+    n, half = values.shape
+    if x2.shape[1] != 2 * half or meta.shape != (n, half // 4) or meta.dtype != torch.uint8 or half % 4:
+        raise ValueError(f"sparse24: x [M, {x2.shape[1]}], values {tuple(values.shape)}, meta {tuple(meta.shape)} "
+                         f"{meta.dtype} do not describe one [N, K] weight (values [N, K/2], meta uint8 [N, K/8])")
+    if values.stride(-1) != 1 or meta.stride(-1) != 1 or values.stride(0) % 2 or values.data_ptr() % 4:
+        raise ValueError("sparse24: values and meta must be row-contiguous, values rows 4-byte aligned")
+
+
+def sparse24_launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
+                    kind: str, cfg: LaunchConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch of `kind` ("xsel", "planes" or "dot") on x2 [M, K] -> [M, N] (x2's dtype)."""
+    _check(x2, values, meta)
+    m, k = x2.shape
+    n = values.shape[0]
+    if cfg is None:
+        cfg = (_dot_default if kind == "dot" else _bgemv_default)(m, n, k, sm_count(x2.device))
+    groups = k // 4
+    bkg = cfg.block_k // 4
+    if bkg < 2 or bkg & (bkg - 1) or cfg.block_k % 4:
+        raise ValueError(f"sparse24: block_k must be 4 x a power of two >= 2, got {cfg.block_k}")
+    steps, split = split_plan(groups, bkg, cfg.split_k)
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype) if out is None else out
+    dst = y if split == 1 else torch.empty(split, m, n, device=x2.device, dtype=torch.float32)
+    words = values.view(torch.int32)  # [N, K/4]: one word = one group's two values
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    common = dict(HAS_BIAS=bias is not None, EVEN=groups == split * steps * bkg, SPLIT=split,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BKG=bkg, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    args = (x2, words, meta, bias if bias is not None else words, dst, m, n, groups, steps, x2.stride(0),
+            words.stride(0), meta.stride(0), y.stride(0))
+    if kind == "dot":
+        _s24_dot[grid](*args, INTERPRET=interpreting(), **common)
+    elif kind in ("xsel", "planes"):
+        _s24_bgemv[grid](*args, IS_BF16=x2.dtype == torch.bfloat16, XSEL=kind == "xsel", ACC3=cfg.acc3, **common)
+    else:
+        raise ValueError(f"sparse24: unknown kernel kind {kind!r}; accepted: xsel, planes, dot")
+    if split > 1:
+        splitk_reduce(dst, bias, y)
+    return y
+
+
+def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x2 = flatten(x)
+    m, n = x2.shape[0], values.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    kind, cfg = choose(m, n, x2.shape[1], x2.device)
+    if kind == "dense":
+        y = F.linear(x2, decompress_24(values, meta), bias)
+    else:
+        y = sparse24_launch(x2, values, meta, bias, kind, cfg)
+    return y.view(*x.shape[:-1], n)
+
+
+def kernel_supported(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """The op runs a Triton kernel for this input (else the torch reference)."""
+    return use_triton(x) and values.dtype == x.dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the op: one opaque node for torch.compile; Triton on CUDA (and under TRITON_INTERPRET=1), the reference elsewhere
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("hf_accel::sparse24_linear", mutates_args=())
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x @ W.T + bias, W the 2:4 sparse weight stored as (values, meta) (format: module docstring)."""
+    if kernel_supported(x, values):
+        return sparse24_linear_triton(x, values, meta, None if bias is None else bias.to(x.dtype))
+    return sparse24_linear_ref(x, values, meta, bias)
+
+
+@sparse24_linear.register_fake
+def _(x, values, meta, bias):
+    return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+def _setup(ctx, inputs, output):
+    x, values, meta, bias = inputs
+    ctx.save_for_backward(values, meta)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):  # gradients for x and bias (the weights are frozen)
+    values, meta = ctx.saved_tensors
+    gx = grad @ decompress_24(values, meta).to(grad.dtype)
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return gx, None, None, gb
+
+
+sparse24_linear.register_autograd(_backward, setup_context=_setup)
