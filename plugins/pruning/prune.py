@@ -3,10 +3,11 @@
     model = AutoModelForCausalLM.from_pretrained(path, accel="prune(method=wanda, sparsity=0.5)")
     model = AutoModelForCausalLM.from_pretrained(path, accel="prune(method=sparsegpt, pattern=2:4)")
 
-Zeros alone buy nothing, so 2:4 results are stored compressed (`Sparse24Linear`: 0.56x the bytes) and run on the
-sparse tensor cores on CUDA; unstructured and 4:8 results stay dense `nn.Linear` layers with zeros (they save and
-load as plain weights). Every pruned layer is swapped in through the Patcher: a failed spec restores the originals;
-after a successful apply the pruning is not undoable (the dense weights are released)."""
+Zeros alone buy nothing, so 2:4 results are stored compressed (`Sparse24Linear`: 0.56x the bytes) and run on CUDA
+through the Triton 2:4 kernel for small inputs (decode: <= `kernel_rows` rows) and on the sparse tensor cores above;
+unstructured and 4:8 results stay dense `nn.Linear` layers with zeros (they save and load as plain weights). Every
+pruned layer is swapped in through the Patcher: a failed spec restores the originals; after a successful apply the
+pruning is not undoable (the dense weights are released)."""
 from __future__ import annotations
 
 import fnmatch
@@ -61,6 +62,7 @@ class Prune(Plugin):
     percdamp: float = 0.01  # SparseGPT Hessian dampening (fraction of the mean diagonal)
     storage: Literal["auto", "dense", "sparse24"] = "auto"  # auto: compressed 2:4 for pattern=2:4, dense otherwise
     dense_below: int = 0  # Sparse24Linear: inputs with fewer rows use a resident dense copy (0: always sparse)
+    kernel_rows: int = 32  # Sparse24Linear: inputs with at most this many rows run the Triton 2:4 kernel on CUDA
     skip: tuple[str, ...] = ("lm_head",)
     progress: bool = True
 
@@ -70,6 +72,8 @@ class Prune(Plugin):
         if self.pattern != "unstructured" and self.sparsity != 0.5 and self.sparsity != 1 - self.nm[0] / self.nm[1]:
             raise OptionError(f"plugin 'prune': pattern={self.pattern} fixes sparsity at {1 - self.nm[0] / self.nm[1]}; "
                               f"drop sparsity= or use pattern=unstructured")
+        if self.kernel_rows < 0 or self.dense_below < 0:
+            raise OptionError("plugin 'prune': kernel_rows and dense_below must be >= 0")
         if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1 or self.blocksize < 8:
             raise OptionError("plugin 'prune': samples, batch_size >= 1, seq_len >= 2 and blocksize >= 8 are required")
         if self.storage == "sparse24" and self.pattern != "2:4":
@@ -147,7 +151,7 @@ class Prune(Plugin):
             lin = linears[name]
             w = w.to(lin.weight.dtype)
             if self.compressed:
-                new = Sparse24Linear.from_dense(w, keep, lin.bias, self.dense_below)
+                new = Sparse24Linear.from_dense(w, keep, lin.bias, self.dense_below, self.kernel_rows)
             else:
                 new = _dense_linear(lin, w * keep)
             patcher.swap_module(model, f"{prefix}.{name}", new, rewrites_weights=True)
@@ -159,8 +163,8 @@ class Prune(Plugin):
         prefix, layers = cal.decoder_layers(model)
         for i, layer in enumerate(layers):
             for name, lin in self.targets(layer, f"{prefix}.{i}").items():
-                patcher.swap_module(model, f"{prefix}.{i}.{name}", Sparse24Linear.skeleton_of(lin, self.dense_below),
-                                    rewrites_weights=True)
+                skeleton = Sparse24Linear.skeleton_of(lin, self.dense_below, self.kernel_rows)
+                patcher.swap_module(model, f"{prefix}.{i}.{name}", skeleton, rewrites_weights=True)
 
     def card_metadata(self, model):
         total = zeros = 0
