@@ -65,12 +65,22 @@ def matmul_attention(q, key, value, mask, scaling=None):
 
 AttentionInterface.register(FAST_SDPA, fast_sdpa)
 
+# An attention implementation that wraps "sdpa" (e.g. the KV plugins' score hook "hf_accel_kv:sdpa") -> its variant
+# that wraps `fast_sdpa` instead: the runtime swaps to it for its own forwards and treats both like "sdpa".
+FAST_VARIANTS: dict[str, str] = {}
+
+
+def register_fast_variant(impl: str, variant: str) -> None:
+    """`variant` (registered in AttentionInterface, over `fast_sdpa`) replaces `impl` (over "sdpa") inside the
+    runtime's forwards, so that a wrapper of SDPA keeps the runtime's mask kind, flash prefill and GQA folding."""
+    FAST_VARIANTS[impl] = variant
+
 
 def mask_kind(model) -> str | None:
     """"fast" (`fast_sdpa`: additive decode mask, bool prefill mask), "bool" (another SDPA-like function: the
     contract), "additive" (eager), None: unsupported."""
     impl = model.config._attn_implementation or "eager"
-    if impl in ("sdpa", FAST_SDPA):
+    if impl in ("sdpa", FAST_SDPA) or impl in FAST_VARIANTS or impl in FAST_VARIANTS.values():
         return "fast"
     if impl == "eager":
         return "additive"
@@ -85,9 +95,10 @@ def use_fast_attention(model, decode_attention: str = "matmul"):
     global _decode_attention
     config = model.config
     old, old_decode = config._attn_implementation, _decode_attention
-    swap = old == "sdpa"
+    target = FAST_SDPA if old == "sdpa" else FAST_VARIANTS.get(old)
+    swap = target is not None
     if swap:
-        config._attn_implementation_internal = FAST_SDPA
+        config._attn_implementation_internal = target
     _decode_attention = decode_attention
     try:
         yield

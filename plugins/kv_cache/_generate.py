@@ -29,6 +29,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from hf_accel.compat import cache_kwarg, get_cache
 from hf_accel.errors import OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
+from hf_accel.runtime.attention import FAST_SDPA, fast_sdpa, register_fast_variant
+from hf_accel.runtime.cache import KV_LAYER_ATTR
 
 from ._layers import PENDING, SELF_ATTEND, KVCache
 
@@ -58,11 +60,29 @@ def _hooked(base: str):
     return attention
 
 
+def _hooked_fast(module, query, key, value, attention_mask, *args, **kwargs):
+    """The hook over the fast runtime's `fast_sdpa` (its variant of "hf_accel_kv:sdpa"): only prompt forwards
+    (eager, more than one query) hand their queries to a waiting layer (`_fast_evict.EvictStaticLayer`, SnapKV's
+    selection); compiled decode steps trace plain `fast_sdpa`."""
+    out = fast_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+    if query.shape[2] > 1 and not torch.compiler.is_compiling():
+        layer = PENDING.get()
+        if layer is not None and layer.layer_idx == getattr(module, "layer_idx", layer.layer_idx):
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+            layer.observe(query, key, scaling)
+    return out
+
+
 def hook_name(base: str) -> str:
     name = HOOK_PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
         AttentionInterface.register(name, _hooked(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+        if base == "sdpa":  # inside the fast runtime: the same hook over `fast_sdpa`
+            fast = HOOK_PREFIX + FAST_SDPA
+            AttentionInterface.register(fast, _hooked_fast)
+            AttentionMaskInterface.register(fast, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+            register_fast_variant(name, fast)
     return name
 
 
@@ -177,6 +197,8 @@ class EvictionPolicy(KVPlugin):
 
     conflicts_with = KV_PLUGINS
     accumulates: ClassVar[bool] = False  # keeps a running score per slot (layer.acc)
+    # `policy+fast` decodes inside the fast runtime (`_fast_evict.EvictLayerFactory`, installed by apply)
+    fast_servable: ClassVar[bool] = False
 
     # Tokens the cache may hold above the budget before it evicts back down to it: one top-k and gather every
     # `slack` steps instead of every step. Memory bound: budget + slack tokens per KV head.
@@ -211,6 +233,13 @@ class EvictionPolicy(KVPlugin):
 
     def protected(self, layer, pos: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(pos, dtype=torch.bool)
+
+    def apply(self, model, patcher):
+        super().apply(model, patcher)
+        if self.fast_servable:
+            from ._fast_evict import EvictLayerFactory
+
+            patcher.set_attr(model, KV_LAYER_ATTR, EvictLayerFactory(model))
 
     def card_metadata(self, model):
         return {"kv_budget_tokens": self.budget}

@@ -17,6 +17,7 @@ class SinkPolicy(EvictionPolicy):
     """Attention sinks + recent window (StreamingLLM): bounded KV memory for endless generation."""
 
     name = "sink"
+    fast_servable = True  # `snapkv+fast` / `sink+fast`: static layers in the fast runtime (_fast_evict.py)
     window: int = 1024  # most recent tokens kept
     sinks: int = 4  # first real tokens of each row, always kept
 

@@ -24,6 +24,7 @@ class SnapKVPolicy(EvictionPolicy):
 
     name = "snapkv"
     needs_attention = True
+    fast_servable = True  # `snapkv+fast` / `sink+fast`: static layers in the fast runtime (_fast_evict.py)
     budget: int = 1024  # prompt tokens kept per KV head (including the window)
     window: int = 32  # observation window: the last prompt queries, always kept
     kernel: int = 7  # pooling width over positions (odd)
