@@ -121,7 +121,8 @@ def test_quality_script_ordering_on_tiny(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sparse24_kernels_on_cuda():
-    """On CUDA in bf16, Sparse24Linear runs on the semi-structured kernels and matches the dense product."""
+    """On CUDA in bf16, Sparse24Linear runs the Triton 2:4 kernel (1, 32 rows) and the semi-structured kernels
+    (2048 rows) and matches the dense product."""
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     keep = nm_mask(w.float().abs(), 2, 4)
     lin = Sparse24Linear.from_dense(w * keep, keep, torch.randn(256, device="cuda", dtype=torch.bfloat16))
@@ -135,16 +136,21 @@ def test_sparse24_kernels_on_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prune_24_bf16_cuda_roundtrip(tmp_path):
+    """Both CUDA paths: 2x16 tokens (<= kernel_rows) through the Triton 2:4 kernel, 2x40 through the semi-structured
+    tensors; the artifact reloads to identical logits on each."""
     model = load_reference("tiny", device="cuda", dtype=torch.bfloat16)[0]
     hf_accel.apply(model, f"prune(method=sparsegpt, pattern=2:4, {CAL})")
-    ids = sample_ids(2, 16).cuda()
+    small, large = sample_ids(2, 16).cuda(), sample_ids(2, 40).cuda()
     with torch.no_grad():
-        before = model(ids).logits
+        before_small = model(small).logits
+        assert all(m._sparse is None for m in prunable(model))  # the kernel needs no semi-structured copy
+        before_large = model(large).logits
     assert all(m._sparse is not None for m in prunable(model)), [m._sparse_error for m in prunable(model)][:1]
     model.save_pretrained(tmp_path / "m")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).cuda()
     with torch.no_grad():
-        assert torch.equal(again(ids).logits, before)
+        assert torch.equal(again(small).logits, before_small)
+        assert torch.equal(again(large).logits, before_large)
 
 
 @pytest.mark.parametrize("spec", [f"prune(method=sparsegpt, pattern=2:4, {CAL})", "prune(method=magnitude, progress=false)"])
