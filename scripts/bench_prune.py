@@ -2,15 +2,24 @@
 end-to-end speed and memory of pruned 8B-shaped models (random weights) inside plain transformers.
 
     python scripts/bench_prune.py --out $OUT/bench_prune.json                    # H200/H100: ~2-3 minutes
+    python scripts/bench_prune.py --out $OUT/bench_prune.json --budget-s 100 --skip-e2e   # linears only, < 2 min
     python scripts/bench_prune.py --device cpu --smoke --out /tmp/bench_prune.json  # CPU dry run, tiny shapes
+                                                   # (sets TRITON_INTERPRET=1: the Triton 2:4 kernel interpreted)
 
 1. linears: for each 8B shape (q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336), weights pruned
    2:4 by magnitude; dense bf16 `F.linear` vs `to_sparse_semi_structured` with cuSPARSELt and with CUTLASS, at
-   M = 2048 (prefill), 32 (batch-32 decode) and 1. Each timed call reads its own weight copy (>= 400 MB of copies,
+   M = 2048 (prefill), 32 (batch-32 decode), 16 and 1. Each timed call reads its own weight copy (>= 400 MB of copies,
    past L2), all copies replayed in one CUDA graph (eager if capture fails; the row says), median of
    triton.testing.do_bench. Also our module `Sparse24Linear` (what `prune(pattern=2:4)` installs), checked against
    the dense product. The device-to-device copy bandwidth is measured in the same run; decode rows give weight bytes
    / time as % of it. `layer_speedup_*`: the 7 linears of one decoder layer, dense time / sparse time.
+1b. triton24: our Triton 2:4 kernel (hf_accel.kernels.sparse24: values + 2-bit positions, 0.5625x the dense bytes)
+   on the same pruned weights at the same M (M > 64: its tensor-core kernel, which the op would not pick), its own
+   weight copies past L2, CUDA graph. First the library's choice for every (shape, M), then, on CUDA and while the
+   budget lasts, a small launch-config sweep (5-6 candidates per case, round-robin over the cases so each gets its
+   likeliest ones first); a row keeps the fastest correct candidate (`kernel`, `config`, `default_ms`,
+   `candidates`), and `tuned_sparse24` in the JSON is the table to paste into kernels/sparse24.py's TUNED.
+   `layer_speedup_best_m*` counts the best of cuSPARSELt, CUTLASS and triton24 per shape.
 2. end to end (transformers `generate`, greedy, eager): dense 8B shape; the same with `prune(method=magnitude,
    pattern=2:4)` (Sparse24Linear); `shrink` 25% and 50% (structured, weight-norm scores: random weights).
    Prefill: one forward of 2048 tokens. Decode tok/s = (time(N new) - time(1 new)) / (N - 1) at batch 1 and 32,
@@ -31,6 +40,9 @@ import statistics
 import sys
 import time
 import traceback
+
+if "--smoke" in sys.argv and "cpu" in sys.argv:  # the Triton 2:4 kernel under the interpreter on a CPU dry run
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +200,149 @@ def linear_phase(args, dev, dims, bw, rows, deadline):
 
 
 # -------------------------------------------------------------------------------------------------------------
+def triton24_candidates(m, n, k, sms):
+    """A few launch configurations around the library default for (M, N, K): (kind, LaunchConfig)."""
+    from hf_accel.kernels import sparse24 as S
+    from hf_accel.kernels._base import LaunchConfig
+
+    groups = k // 4
+    p2 = lambda v: 1 << max(0, (v - 1).bit_length())
+
+    def cfg(kind, bn, bkg, bm, warps=4, stages=1, split=None):
+        bkg = min(bkg, max(2 if kind != "dot" else 16, p2(groups)))
+        if split is None:
+            split = S._split_for(-(-n // bn) * -(-m // bm), -(-groups // bkg), sms)
+        return kind, LaunchConfig(block_n=bn, block_k=4 * bkg, block_m=bm, num_warps=warps, num_stages=stages,
+                                  split_k=split)
+
+    if m >= S.DOT_MIN_M:
+        bm = max(16, min(64, p2(m)))
+        return [cfg("dot", 64, 64, bm, 4, 3), cfg("dot", 32, 128, bm, 4, 2), cfg("dot", 128, 64, bm, 8, 2),
+                cfg("dot", 16, 64, bm, 4, 3), cfg("dot", 32, 64, bm, 4, 4, split=1)]
+    bm = p2(m)
+    kind = "xsel" if m <= S.XSEL_MAX_M else "planes"
+    other = "planes" if kind == "xsel" else "xsel"
+    return [cfg(kind, 4, 256, bm), cfg(kind, 16, 64, bm), cfg(kind, 8, 128, bm, 8), cfg(kind, 8, 64, bm, 4, 1, 1),
+            cfg(other, 8 if bm <= 2 else 4, 128 if bm <= 2 else 64, bm)]
+
+
+def triton24_phase(args, dev, dims, bw, rows, deadline, sweep_deadline):
+    """Rows of backend "triton24" (the library's launch choice first), then the sweep on CUDA; returns the tuned
+    table entries [(key, value)] for kernels/sparse24.py's TUNED."""
+    from hf_accel.kernels import sparse24 as S
+    from hf_accel.kernels._base import LaunchConfig, device_key, m_bucket, sm_count
+    from hf_accel.plugins.pruning.methods import nm_mask
+
+    kernel = S.HAS_TRITON and (dev.type == "cuda" or S.interpreting())
+    ms_list = [int(m) for m in args.ms.split(",")]
+    cases, state = [], {}
+    for shape, (n, k, _) in shapes_of(dims).items():
+        if time.time() > deadline:
+            rows.append({"phase": "linear", "shape": shape, "backend": "triton24", "skipped": "budget"})
+            continue
+        try:
+            torch.manual_seed(0)  # the same pruned weight as the other backends' rows
+            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32) * 0.02
+            wp = (w * nm_mask(w.float().abs(), 2, 4)).to(torch.bfloat16)
+            del w
+            values, meta = S.compress_24(wp)
+            wbytes = values.numel() * values.element_size() + meta.numel() * meta.element_size()
+            copies = max(1, min(32, math.ceil(args.l2_bytes / wbytes))) if dev.type == "cuda" else 1
+            state[shape] = dict(n=n, k=k, wref=wp.float(), wbytes=wbytes, copies=copies,
+                                vs=[(values.clone(), meta.clone()) for _ in range(copies)])
+            del wp, values, meta
+        except Exception as e:
+            rows.append({"phase": "linear", "shape": shape, "backend": "triton24", "error": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        for m in ms_list:
+            row = {"phase": "linear", "shape": shape, "n": n, "k": k, "m": m, "backend": "triton24",
+                   "copies": copies, "weight_bytes": wbytes, "bytes_read": wbytes + 2 * m * k, "candidates": []}
+            rows.append(row)
+            if kernel:
+                kind, cfg = S.choose(m, n, k, dev)
+                if kind == "dense":  # large M: time our tensor-core kernel anyway (the op would decompress + cuBLAS)
+                    kind, cfg = "dot", LaunchConfig(block_n=64, block_k=256, block_m=64, num_warps=4, num_stages=3)
+            else:
+                kind, cfg = "reference", None
+            cases.append((row, state[shape], kind, cfg))
+
+    def measure(row, st, kind, cfg):
+        m, n, k = row["m"], st["n"], st["k"]
+        res = {"kernel": kind, "config": cfg.as_dict() if cfg is not None else None}
+        try:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            if kind == "reference":
+                call = lambda v, mt: S.sparse24_linear(x, v, mt, None)
+            else:
+                call = lambda v, mt: S.sparse24_launch(x, v, mt, None, kind, cfg)
+            ref = F.linear(x.float(), st["wref"])
+            t = time.perf_counter()
+            got = call(*st["vs"][0]).float()
+            first_ms = (time.perf_counter() - t) * 1e3
+            res["rel_err"] = ((got - ref).norm() / ref.norm()).item()
+            res["unwritten"] = int(got.isnan().sum())
+            if dev.type == "cuda":
+                outs = [None] * len(st["vs"])
+
+                def fn():
+                    for i, (v, mt) in enumerate(st["vs"]):
+                        outs[i] = call(v, mt)
+                run, res["graph"] = graphed(fn, dev)
+                res["ms"] = bench_ms(run, dev) / len(st["vs"])
+            else:  # CPU dry run (interpreter: seconds per call): the one checked call's wall time
+                res["ms"], res["graph"] = first_ms, False
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {e}"[:300]
+        row["candidates"].append(res)
+        ok = [c for c in row["candidates"] if "ms" in c and c["rel_err"] < 2e-2 and not c["unwritten"]]
+        if ok:
+            best = min(ok, key=lambda c: c["ms"])
+            first = row["candidates"][0]
+            row.update(ms=best["ms"], kernel=best["kernel"], config=best["config"], rel_err=best["rel_err"],
+                       graph=best["graph"], default_ms=first.get("ms"))
+            row["tflops"] = 2 * m * n * k / (row["ms"] * 1e-3) / 1e12
+            row["weight_gbps"] = st["wbytes"] / (row["ms"] * 1e-3) / 1e9
+            if math.isfinite(bw):
+                row["pct_copy_bw"] = 100 * st["wbytes"] / (row["ms"] * 1e-3) / bw
+        elif "error" in res and "ms" not in row:
+            row["error"] = res["error"]
+        return res
+
+    for row, st, kind, cfg in cases:
+        if time.time() > deadline:
+            row["skipped"] = "budget"
+            continue
+        res = measure(row, st, kind, cfg)
+        print(f"  linear {row['shape']:8s} m={row['m']:5d} triton24    " +
+              (f"{res['ms'] * 1e3:9.1f} us ({kind})" if "ms" in res else res.get("error", "")[:80]), flush=True)
+    tuned = []
+    if dev.type == "cuda" and kernel and args.tune24:
+        sms = sm_count(dev)
+        queues = [(row, st, [c for c in triton24_candidates(row["m"], st["n"], st["k"], sms)
+                             if c[1].as_dict() != (row["candidates"][0]["config"] or {})])
+                  for row, st, _, _ in cases if row["m"] <= S.DOT_M and "ms" in row]
+        for i in range(max((len(q[2]) for q in queues), default=0)):  # round-robin: every case's i-th candidate
+            for row, st, cands in queues:
+                if i < len(cands) and time.time() < sweep_deadline:
+                    measure(row, st, *cands[i])
+        for row, st, _ in queues:
+            row["swept"] = len(row["candidates"])
+            if "ms" in row and row["config"] is not None:
+                key = (device_key(dev), m_bucket(row["m"]), st["n"], st["k"])
+                entry = {"kernel": row["kernel"], **row["config"]}
+                tuned.append([list(key), entry])
+                S.TUNED[key] = entry  # later phases (module rows are already done; e2e) use the tuned choice
+            print(f"  sweep {row['shape']:8s} m={row['m']:5d}: {row['swept']} configs, best {row.get('kernel')} "
+                  f"{row.get('config')} {row.get('ms', float('nan')) * 1e3:.1f} us "
+                  f"(default {(row.get('default_ms') or float('nan')) * 1e3:.1f} us)", flush=True)
+    state.clear()
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return tuned
+
+
+# -------------------------------------------------------------------------------------------------------------
 def build_model(dims, dev):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -331,25 +486,34 @@ def summarize(rows, bw, dims):
     ms_values = sorted({k[1] for k in lin})
     for m in ms_values:
         dense = sum(lin[(sh, m, "dense")]["ms"] * c for sh, c in per_layer.items() if (sh, m, "dense") in lin)
-        for be in ("cusparselt", "cutlass", "module"):
+        for be in ("cusparselt", "cutlass", "module", "triton24"):
             if all((sh, m, be) in lin for sh in per_layer) and all((sh, m, "dense") in lin for sh in per_layer):
                 sp = sum(lin[(sh, m, be)]["ms"] * c for sh, c in per_layer.items())
                 s[f"layer_speedup_{be}_m{m}"] = round(dense / sp, 3)
         best = {}
         for sh in per_layer:
-            cands = [lin[(sh, m, be)]["ms"] for be in ("cusparselt", "cutlass") if (sh, m, be) in lin]
+            cands = {be: lin[(sh, m, be)]["ms"] for be in ("cusparselt", "cutlass", "triton24") if (sh, m, be) in lin}
             if cands and (sh, m, "dense") in lin:
-                best[sh] = min(cands)
-                s[f"speedup_best_{sh}_m{m}"] = round(lin[(sh, m, "dense")]["ms"] / min(cands), 3)
+                best[sh] = min(cands.values())
+                s[f"speedup_best_{sh}_m{m}"] = round(lin[(sh, m, "dense")]["ms"] / best[sh], 3)
+                s[f"best_backend_{sh}_m{m}"] = min(cands, key=cands.get)
+            if (sh, m, "triton24") in lin and (sh, m, "dense") in lin:
+                s[f"speedup_triton24_{sh}_m{m}"] = round(lin[(sh, m, "dense")]["ms"] / lin[(sh, m, "triton24")]["ms"], 3)
         if len(best) == len(per_layer) and dense:
             s[f"layer_speedup_best_m{m}"] = round(dense / sum(best[sh] * c for sh, c in per_layer.items()), 3)
         dpct = [lin[(sh, m, "dense")]["pct_copy_bw"] for sh in per_layer
                 if "pct_copy_bw" in lin.get((sh, m, "dense"), {})]
         if dpct:
             s[f"dense_pct_copy_bw_m{m}"] = round(statistics.mean(dpct), 1)
-    for key in ("layer_speedup_best_m2048", "layer_speedup_best_m32"):
+        tpct = [lin[(sh, m, "triton24")]["pct_copy_bw"] for sh in per_layer
+                if "pct_copy_bw" in lin.get((sh, m, "triton24"), {})]
+        if tpct:
+            s[f"triton24_pct_copy_bw_m{m}"] = round(statistics.mean(tpct), 1)
+    for key in ("layer_speedup_best_m2048", "layer_speedup_best_m32", "layer_speedup_best_m1"):
         if key in s:
             s[key.replace("layer_speedup_best", "goal_1_4x_met")] = s[key] >= 1.4
+    s["triton24_bytes_vs_dense"] = 0.5625  # bf16 values (0.5) + 2-bit positions (0.0625): the bandwidth-bound ceiling
+    s["triton24_predicted_speedup_bw"] = round(1 / 0.5625, 3)  # at equal % of copy bandwidth, M <= 32
     errs = [r["rel_err"] for r in rows if "rel_err" in r]
     if errs:
         s["max_rel_err_sparse_vs_dense"] = max(errs)
@@ -382,10 +546,12 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU dry run)")
     ap.add_argument("--budget-s", type=float, default=150)
-    ap.add_argument("--ms", default="2048,32,1")
+    ap.add_argument("--ms", default="2048,32,16,1")
     ap.add_argument("--l2-bytes", type=float, default=400 * 2**20)
     ap.add_argument("--e2e", default="2:4,shrink", help="which pruned e2e variants ('' = dense only)")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--no-tune24", dest="tune24", action="store_false",
+                    help="no launch-config sweep of the Triton 2:4 kernel (library default only)")
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prompt", type=int, default=128)
@@ -401,10 +567,20 @@ def main():
     rows = []
     bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    # budget shares: semi-structured linears, then triton24 (defaults, then the sweep), then end to end
+    shares = (0.3, 0.55, 0.85) if args.skip_e2e else (0.25, 0.35, 0.45)
     try:
-        linear_phase(args, dev, dims, bw, rows, t0 + 0.35 * args.budget_s)
+        linear_phase(args, dev, dims, bw, rows, t0 + shares[0] * args.budget_s)
     except Exception as e:
         rows.append({"phase": "linear", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]})
+    tuned24 = []
+    try:
+        tuned24 = triton24_phase(args, dev, dims, bw, rows,  # CPU: no sweep, the interpreter gets its time
+                                 t0 + shares[1 if dev.type == "cuda" else 2] * args.budget_s,
+                                 t0 + shares[2] * args.budget_s)
+    except Exception as e:
+        rows.append({"phase": "linear", "backend": "triton24", "error": f"{type(e).__name__}: {e}",
+                     "trace": traceback.format_exc()[-800:]})
     if not args.skip_e2e:
         try:
             e2e_phase(args, dev, dims, rows, deadline)
@@ -417,17 +593,18 @@ def main():
                    versions={**versions(), "triton": _version("triton")}, date=datetime.datetime.now(
                        datetime.timezone.utc).isoformat(timespec="seconds"),
                    command="python " + " ".join(sys.argv), shapes=dims, smoke=args.smoke,
-                   wall_s=round(time.time() - t0, 1))
+                   wall_s=round(time.time() - t0, 1), triton_interpret=os.environ.get("TRITON_INTERPRET"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"summary": summary, "rows": rows}, fh, indent=1, default=str)
+        json.dump({"summary": summary, "rows": rows, "tuned_sparse24": tuned24}, fh, indent=1, default=str)
     print(f"\nwrote {args.out} ({summary['wall_s']} s)")
-    print(f"{'shape':8s} {'m':>5s} " + " ".join(f"{b:>11s}" for b in ("dense us", "cusparselt", "cutlass", "module")))
+    backends = ("dense", "cusparselt", "cutlass", "module", "triton24")
+    print(f"{'shape':8s} {'m':>5s} " + " ".join(f"{b:>11s}" for b in ("dense us",) + backends[1:]))
     lin = {(r["shape"], r["m"], r["backend"]): r for r in rows if r["phase"] == "linear" and "ms" in r}
     for sh in shapes_of(dims):
         for m in sorted({k[1] for k in lin}, reverse=True):
             cells = [f"{lin[(sh, m, b)]['ms'] * 1e3:11.1f}" if (sh, m, b) in lin else f"{'-':>11s}"
-                     for b in ("dense", "cusparselt", "cutlass", "module")]
+                     for b in backends]
             print(f"{sh:8s} {m:5d} " + " ".join(cells))
     for k, v in summary.items():
         if isinstance(v, (int, float, bool)):
