@@ -313,6 +313,46 @@ def test_view_path_greedy_equals_the_dequantised_path(arch):
     assert layers and all(x.reads_codes for x in layers)
 
 
+@pytest.mark.slow
+def test_compiled_step_keeps_bits_and_group_constant(monkeypatch):
+    """kvquant int8 then int4 compiled by the runtime in one process (as the GPU tests and bench_kv do): dynamo's
+    automatic dynamic made the layer's `bits` symbolic in the second compile, and torch 2.11 then failed on
+    `1 << s` in `quantize` ("torch.compile failed ... lshift"), so the decode step ran eagerly in its CUDA graph.
+    torch 2.13 evaluates `1 << s`, so besides no warning the test checks the cause: no compiled graph takes bits or
+    group as a symbolic input. Dynamo's eager backend (the graphs, not inductor's code, are what matter here)."""
+    import hf_accel
+    from conftest import build
+    from hf_accel.runtime import get_runtime
+    from test_runtime import padded_batch
+
+    graphs, compile_ = [], torch.compile
+
+    def recording(fn, **kwargs):  # the runtime's torch.compile(fn, options=...), with a backend that keeps the graphs
+        return compile_(fn, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    torch._dynamo.reset()
+    try:
+        for bits, kernel in ((8, "torch"), (8, "triton"), (4, "torch"), (4, "triton")):
+            model = build("llama")
+            hf_accel.apply(model, f"kvquant(bits={bits}, group=16, residual=4, kernel={kernel})+fast")
+            rt = get_runtime(model)
+            rt._follow_model()  # picks up kvquant's factory (applied after `fast`), which resets the options
+            rt.use_compile = True
+            for lengths in ([9], [5, 40, 17]):
+                ids, mask = padded_batch(lengths, bits)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", UserWarning)  # "torch.compile failed", a fallback
+                    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert rt.stats["calls"] == 2 and rt.stats["fallbacks"] == 0 and not rt.warned
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) >= 4
+    symbolic = [n.name for gm in graphs for n in gm.graph.nodes if n.op == "placeholder"
+                and isinstance(n.meta.get("example_value"), torch.SymInt)]
+    assert not [n for n in symbolic if "bits" in n or "group" in n], symbolic
+
+
 # --- CUDA ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

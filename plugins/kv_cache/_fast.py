@@ -73,6 +73,16 @@ def channel_scale(k: torch.Tensor) -> torch.Tensor:
     return k.float().abs().amax(dim=-2, keepdim=True).clamp(min=1e-4).to(k.dtype)
 
 
+def constants(bits: int, group: int):
+    """`bits` and `group` as a function's defaults, read in compiled code as `bits, group = layer.format()`. Dynamo
+    makes a plain int attribute of the layer symbolic once a second model with other bits compiles the same step
+    (automatic dynamic: kvquant int4 after int8 in one process), and torch 2.11 then fails on `1 << s` in
+    `quantize`; integers read from defaults are always specialized (guarded as constants)."""
+    def format(bits: int = bits, group: int = group) -> tuple[int, int]:
+        return bits, group
+    return format
+
+
 class QuantKV:
     """What a decode step's `update` returns, as keys and as values, when attention reads the codes: the layer's
     storage and this step's flush boundary `qlen` (slots [0, qlen) read the codes, the others the ring). A plain
@@ -83,9 +93,9 @@ class QuantKV:
 
     def attend(self, query: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         """[B, Q, Hq, D]: attention of `query` [B, Hq, Q, D] under the runtime's 4-D mask, in one op."""
-        t, layer = self.layer.t, self.layer
+        t, (bits, group) = self.layer.t, self.layer.format()
         return kvquant_decode_attention(query, t["kc"], t["ks"], t["kz"], t["vc"], t["vs"], t["vz"], t["channel"],
-                                        t["rk"], t["rv"], self.qlen, mask, scale, layer.bits, layer.group)
+                                        t["rk"], t["rv"], self.qlen, mask, scale, bits, group)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The dequantised full-capacity K/V (for an attention call the kernel does not serve)."""
@@ -102,6 +112,7 @@ class QuantStaticLayer(CacheLayerMixin):
                  ring_index: torch.Tensor, reads_codes: bool = False):
         super().__init__()
         self.t, self.bits, self.group, self.residual = t, bits, group, residual
+        self.format = constants(bits, group)  # what compiled code reads (see `constants`)
         self.reads_codes = reads_codes  # decode returns a `QuantKV` view instead of dequantised tensors
         self.slot_ids, self.ring_index = slot_ids, ring_index  # arange(C), arange(C) % W
         self.keys, self.values = t["kc"], t["vc"]  # what the runtime marks dynamic (batch and capacity)
@@ -129,8 +140,9 @@ class QuantStaticLayer(CacheLayerMixin):
         return None
 
     def _codes(self, k: torch.Tensor, v: torch.Tensor, channel: torch.Tensor):
-        kc, ks, kz = quantize(k / channel, self.bits, self.group)
-        vc, vs, vz = quantize(v, self.bits, self.group)
+        bits, group = self.format()
+        kc, ks, kz = quantize(k / channel, bits, group)
+        vc, vs, vz = quantize(v, bits, group)
         return dict(kc=kc, ks=ks, kz=kz, vc=vc, vs=vs, vz=vz)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -167,10 +179,10 @@ class QuantStaticLayer(CacheLayerMixin):
     def dequantized(self, boundary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-capacity K/V as `KVLayer` hands them to attention: slots before `boundary` dequantised, the others
         from the ring."""
-        t = self.t
+        t, (bits, group) = self.t, self.format()
         quantized = (self.slot_ids < boundary)[:, None]  # [C, 1]: slots read from the codes
-        keys = dequantize(t["kc"], t["ks"], t["kz"], self.bits, self.group) * t["channel"]
-        values = dequantize(t["vc"], t["vs"], t["vz"], self.bits, self.group)
+        keys = dequantize(t["kc"], t["ks"], t["kz"], bits, group) * t["channel"]
+        values = dequantize(t["vc"], t["vs"], t["vz"], bits, group)
         keys = torch.where(quantized, keys, t["rk"].index_select(2, self.ring_index))
         values = torch.where(quantized, values, t["rv"].index_select(2, self.ring_index))
         return keys, values
