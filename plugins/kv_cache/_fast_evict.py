@@ -73,11 +73,12 @@ class _Stand:
 
 
 class Book:
-    """Per-bucket device tensors that every layer reads: meta = (T, kept), slot_pos [B, C], first [B] (first real
-    token of each row). Layer 0 writes them at the prefill; the others only read them."""
+    """Per-bucket device tensors that every layer reads: meta = (T, kept, budget, slack, sinks), slot_pos [B, C],
+    first [B] (first real token of each row). Layer 0 writes them at the prefill; the others only read them. The
+    policy's numbers are tensors too, so a compiled step does not guard on them (a new budget does not recompile)."""
 
     def __init__(self, batch: int, capacity: int, device):
-        self.meta = torch.zeros(2, dtype=torch.long, device=device)
+        self.meta = torch.zeros(5, dtype=torch.long, device=device)
         self.slot_pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.first = torch.zeros(batch, dtype=torch.long, device=device)
 
@@ -125,7 +126,8 @@ class EvictStaticLayer(CacheLayerMixin):
             raise Unsupported(f"{self.policy.name}: layer {self.layer_idx} never received the prompt's queries (the "
                               "model's attention bypasses hf_accel's attention hook)", whole_model=False)
         t, kept = self.book.meta[0:1], self.book.meta[1:2]
-        storage = (self.slots - t + kept).clamp(0, self.capacity - 1)  # sequence slots -> storage slots
+        # sequence slots -> storage slots (the bound from the tensor: a symbolic size, not a constant to guard on)
+        storage = (self.slots - t + kept).clamp(0, self.keys.shape[2] - 1)
         if storage.dim() == 2:  # per-row slots [B, Q]
             index = storage[:, None, :, None]
             self.keys.scatter_(2, index.expand_as(key_states), key_states)
@@ -152,7 +154,8 @@ class EvictStaticLayer(CacheLayerMixin):
         self.written = False
         if self.layer_idx == 0:
             if rows.start == 0:  # a new prompt: generated tokens' slots, no kept tokens yet (rows filling the bucket)
-                book.meta.copy_(torch.tensor([t, kept]))
+                p = self.policy
+                book.meta.copy_(torch.tensor([t, kept, p.budget, p.slack, getattr(p, "sinks", 0)]))
                 j = torch.arange(self.capacity, device=k.device)
                 book.slot_pos.copy_(torch.where(j >= kept, t + j - kept, -1).expand_as(book.slot_pos))
                 book.first.zero_()
@@ -199,13 +202,12 @@ class EvictStaticLayer(CacheLayerMixin):
         q = slots[..., None]  # [Q, 1] or [B, Q, 1]
         vis = (seq >= 0) & (seq <= q)
         if self.sink:
-            p = self.policy
-            t, kept = self.book.meta[0], self.book.meta[1]
+            t, kept, budget, slack, sinks = self.book.meta.unbind()
             n = q - t + 1  # the query is the n-th new token
-            n0 = p.budget + p.slack + 1 - kept
-            seen = torch.where(n <= n0, kept + n, p.budget + 1 + torch.remainder(n - n0 - 1, p.slack + 1))
+            n0 = budget + slack + 1 - kept
+            seen = torch.where(n <= n0, kept + n, budget + 1 + torch.remainder(n - n0 - 1, slack + 1))
             first = self.book.first[:, None, None]
-            vis = vis & ((seq < first + p.sinks) | (seq >= q + 1 - seen + p.sinks))
+            vis = vis & ((seq < first + sinks) | (seq >= q + 1 - seen + sinks))
         return vis
 
     def get_seq_length(self, *args, **kwargs) -> int:  # the runtime always passes position ids
