@@ -3,7 +3,8 @@ verify and draft through per-row runtime sessions instead of the eager `RowCache
 
 Greedy output is compared token for token with the target alone (fp32 CPU, batch 1 and left-padded batches whose rows
 accept different numbers of drafts); sampled output with the target's exact distribution (the chi-square test of
-test_speculative.py); fallbacks (medusa trees, KV layers without per-row slots, unservable calls) keep the output.
+test_speculative.py); Medusa's trees verify on the runtime too (tree forward, `Session.move`); fallbacks (KV layers
+without per-row slots or movable slots, unservable calls) keep the output.
 """
 
 from __future__ import annotations
@@ -228,19 +229,191 @@ def test_unservable_call_goes_to_the_runtime_loop(target):
     hf_accel.remove(model)
 
 
-def test_medusa_trees_fall_back_to_the_eager_cache(tmp_path):
-    model = build("llama")
-    spec = f"fast+medusa(heads='{random_heads(model, tmp_path / 'h')}')"
+# ------------------------------------------------------------------------------------------------ medusa trees
+@pytest.fixture(scope="module")
+def medusa_heads(target, tmp_path_factory):
+    """(random heads, briefly trained heads): the trained ones on the target's own greedy text (repetitive for a
+    random model), so that trees accept paths of several tokens at times."""
+    from hf_accel.plugins.speculative.medusa import save_heads, train_medusa
+
+    folder = tmp_path_factory.mktemp("medusa_fast")
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(3, 128, (16, 4), generator=g)
+    stream = target.generate(input_ids=starts, attention_mask=torch.ones_like(starts), max_new_tokens=60,
+                             do_sample=False, eos_token_id=None).reshape(-1)
+    torch.manual_seed(0)
+    heads, _ = train_medusa(target, stream=stream, heads=3, steps=150, seq_len=32, batch=8, lr=1e-2)
+    save_heads(heads, folder / "trained")
+    return random_heads(target, folder / "random"), folder / "trained"
+
+
+def medusa_spec(heads, tree: str, fast: str = "fast") -> str:
+    return f"{fast}+medusa(heads='{heads}', tree='{tree}')"
+
+
+@pytest.mark.parametrize("tree", ["default", "3,2,1", "1,1,1"])  # sparse, wide, chain
+@pytest.mark.parametrize("batch", [1, 3])
+def test_medusa_greedy_identical_on_the_runtime(target, medusa_heads, tree, batch, monkeypatch):
+    """`fast+medusa`: the tree verify runs on the runtime's per-row session (tree mask, positions by depth, the
+    accepted path moved to contiguous slots); greedy output equals the target's, random and trained heads, and the
+    trained heads keep paths of more than one draft at times."""
+    from hf_accel.plugins.speculative import decode
+
+    depths, right = [], decode.verify_tree
+
+    def spy(*args):
+        out = right(*args)
+        depths.extend(out[1].tolist())
+        return out
+
+    monkeypatch.setattr(decode, "verify_tree", spy)
+    for heads in medusa_heads:
+        for seed in range(2):
+            ids, mask = prompts(batch, seed)
+            kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+            ref = target.generate(**kw)
+            out, stats, _ = generate_on_runtime(target, medusa_spec(heads, tree), **kw)
+            assert torch.equal(out, ref), f"{heads.name} {tree} batch {batch} prompt set {seed}"
+            assert stats["runtime"] and stats["generated"] == n_generated(ref, ids.shape[1])
+    assert max(depths) >= 2  # a path of two drafts or more was kept
+
+
+def test_medusa_tree_forward_and_move_are_exact(target):
+    """Session level: every tree node's logits and hidden state are the target's on the node's own path; after
+    `move` + `rewind`, each row's cache holds exactly the K/V that decoding the accepted tokens one by one writes,
+    and the next forward continues exactly (rows of different lengths, different paths per row)."""
+    from hf_accel.plugins.speculative.medusa import build_tree, parse_tree
+
+    model = copy.deepcopy(target)
+    hf_accel.apply(model, "fast")
+    rt = get_runtime(model)
+    tree = build_tree(parse_tree("2,2", 2))  # nodes: 0 root; 1, 2 depth 1; 3, 4 under 1; 5, 6 under 2
+    ids, mask = prompts(2, seed=3, lengths=[4, 9])
+    t = ids.shape[1]
+    nodes = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+    session, _ = rt.start(ids, mask, max_new_tokens=20, per_row=True)
+    logits, hidden = session.forward(nodes, tree=tree.parents)
+    decoder = model.get_decoder()
+    for row, n in enumerate([4, 9]):
+        prompt = ids[row, t - n:]
+        for node in range(7):
+            path = [i for i in range(7) if tree.visible[node, i]]  # its ancestors and itself, in node order
+            seq = torch.cat([prompt, nodes[row, path]])[None]
+            assert torch.allclose(logits[row, node], model(seq).logits[0, -1].float(), atol=1e-5), (row, node)
+            assert torch.allclose(hidden[row, node], decoder(seq).last_hidden_state[0, -1], atol=1e-5)
+    paths = torch.tensor([[0, 2, 5], [0, 1, 0]])  # row 0 keeps nodes 2 and 5; row 1 keeps node 1 only
+    kept = torch.tensor([2, 1])
+    session.move(t + paths, t + torch.arange(3))
+    session.rewind(7 - 1 - kept)  # the next slot follows the kept path
+    layers = [(layer.keys[:, :, : t + 3].clone(), layer.values[:, :, : t + 3].clone()) for layer in session.cache.layers]
+    after = session.forward(torch.tensor([[20, 21], [22, 23]])).clone()
+    plain, _ = rt.start(ids, mask, max_new_tokens=20, per_row=True)  # the same bucket: the same storage
+    plain.forward(torch.tensor([[5, 7, 10], [12, 13, 0]]))
+    plain.rewind(torch.tensor([0, 1]))
+    for (k, v), layer in zip(layers, plain.cache.layers):
+        for row, n in enumerate([3, 2]):  # root + kept drafts
+            assert torch.allclose(k[row, :, : t + n], layer.keys[row, :, : t + n], atol=1e-5)
+            assert torch.allclose(v[row, :, : t + n], layer.values[row, :, : t + n], atol=1e-5)
+    for row, new in enumerate([[5, 7, 10, 20, 21], [12, 13, 22, 23]]):
+        seq = torch.cat([ids[row, t - [4, 9][row]:], torch.tensor(new)])[None]
+        assert torch.allclose(after[row], model(seq).logits[0, -2:].float(), atol=1e-5)
+    hf_accel.remove(model)
+
+
+def test_tree_forward_traces_as_one_graph(target):
+    """Capturable: the tree verify (ancestor mask from device buffers, hidden states out) traces as one graph."""
+    from hf_accel.plugins.speculative.medusa import build_tree, parse_tree
+    from hf_accel.runtime.attention import use_fast_attention
+    from hf_accel.runtime.session import forward_tree
+
+    model = copy.deepcopy(target)
+    hf_accel.apply(model, "fast")
+    rt = get_runtime(model)
+    ids, mask = prompts(2, seed=3, lengths=[4, 9])
+    session, _ = rt.start(ids, mask, max_new_tokens=20, per_row=True)
+    parents = build_tree(parse_tree("2,1", 2)).parents
+    key, (tok, slots, pos, _, _, offsets, depth, visible) = session._tree_buffers(parents)
+    st = session.state
+    tok.copy_(torch.randint(3, 128, tok.shape))
+    slots.copy_(st.row_slot + offsets)
+    pos.copy_(st.positions + depth)
+    session.cache.set_slots(slots)
+    args = (model, session.cache, tok, pos, slots, st.row_slot, depth, visible, st.prompt_valid, st.prompt_len,
+            rt.window, rt.kind, rt.dtype)
+    torch._dynamo.reset()
+    with use_fast_attention(model):
+        eager = [x.clone() for x in forward_tree(*args)]
+        traced = torch.compile(forward_tree, backend="eager", fullgraph=True)(*args)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(traced, eager))
+    hf_accel.remove(model)
+
+
+def test_medusa_kv_layers_that_cannot_move_slots_fall_back(target, medusa_heads):
+    """A KV plugin's layers without `move_slots`: medusa runs on the eager cache (one warning), exact."""
+
+    class FixedLayer(StaticKVLayer):
+        pass
+
+    def factory(layer_idx, batch, capacity, kv_heads, head_dim, dtype, device):
+        shape = (batch, kv_heads, capacity, head_dim)
+        return FixedLayer(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+
+    model = copy.deepcopy(target)
     ids, mask = prompts(3, seed=4)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
     ref = model.generate(**kw)
-    hf_accel.apply(model, spec)
+    hf_accel.apply(model, medusa_spec(medusa_heads[1], "default"))
+    model._hf_accel_kv_layer = factory
     try:
-        with pytest.warns(UserWarning, match="tree drafts"):
+        with pytest.warns(UserWarning, match="move_slots"):
             out = model.generate(**kw)
         assert torch.equal(out, ref) and not model.hf_accel_spec_stats["runtime"]
     finally:
+        del model._hf_accel_kv_layer
         hf_accel.remove(model)
+
+
+def test_medusa_sampling_follows_target_distribution():
+    """Sampled `fast+medusa` output has the target's exact distribution (test_medusa's 6-token test)."""
+    from test_medusa import exact_distribution, sample_counts as medusa_counts, small_vocab_model
+
+    target = small_vocab_model(0)
+    torch.manual_seed(4)
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = random_heads(target, f"{folder}/h", num_heads=2, std=0.5)
+        prompt = torch.tensor([[1, 3, 2, 5, 4, 3, 2]])
+        hf_accel.apply(target, f"fast+medusa(heads='{path}', tree='3,2')")
+        try:
+            counts = medusa_counts(target, prompt, seed=1)
+            stats = dict(target.hf_accel_spec_stats)
+        finally:
+            hf_accel.remove(target)
+    exact = exact_distribution(target, prompt)
+    assert stats["runtime"] and stats["sampling"] and stats["accepted"] > 0
+    assert chi_square_p(counts, exact) > 1e-3
+    assert total_variation(counts, exact) < 0.06
+
+
+@pytest.mark.slow
+def test_compiled_medusa_tree_on_cpu(target, medusa_heads):
+    """The torch.compile path (inductor on the CPU) of the tree verify and the move: batch 3 and 1, tokens exact."""
+    model = copy.deepcopy(target)
+    torch._dynamo.reset()
+    for batch, seed in ((3, 1), (1, 2)):
+        ids, mask = prompts(batch, seed)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        ref = model.generate(**kw)
+        hf_accel.apply(model, medusa_spec(medusa_heads[1], "3,2,1"))
+        rt = get_runtime(model)
+        rt._follow_model()
+        rt.use_compile = True
+        try:
+            out = model.generate(**kw)
+            assert torch.equal(out, ref) and model.hf_accel_spec_stats["runtime"]
+            assert model.hf_accel_spec_stats["accepted"] > 0 or batch == 1
+        finally:
+            hf_accel.remove(model)
 
 
 def test_failure_mid_call_reruns_on_the_eager_cache(target, draft_dir, monkeypatch):
@@ -320,9 +493,37 @@ def test_gpu_greedy_identical_with_cuda_graphs(compile, tmp_path):
         try:
             for batch, kw, ref in runs:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("error", UserWarning)
+                    # a fallback warns as hf_accel; others (inductor's TF32 note, as TF32 is off here) may pass
+                    warnings.filterwarnings("error", message=".*hf_accel.*")
                     out = model.generate(**kw)
                 assert torch.equal(out, ref), f"{method} batch {batch}"
+                assert model.hf_accel_spec_stats["runtime"] and get_runtime(model).stats["captures"] >= 1
+        finally:
+            hf_accel.remove(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_medusa_greedy_identical_with_cuda_graphs(compile, tmp_path):
+    """`fast+medusa` on CUDA graphs (tree verify and move captured; compiled or not), fp32: the target's tokens."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = build("llama")
+    heads = random_heads(model, tmp_path / "h")
+    model.cuda()
+    fast = f"fast(compile={compile}, decode_attention=sdpa)"
+    runs = []
+    for batch in (1, 3):
+        ids, mask = prompts(batch, seed=batch)
+        kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, do_sample=False)
+        runs.append((batch, kw, model.generate(**kw)))
+    for tree in ("default", "3,2,1"):
+        hf_accel.apply(model, medusa_spec(heads, tree, fast))
+        try:
+            for batch, kw, ref in runs:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("error", message=".*hf_accel.*")
+                    out = model.generate(**kw)
+                assert torch.equal(out, ref), f"{tree} batch {batch}"
                 assert model.hf_accel_spec_stats["runtime"] and get_runtime(model).stats["captures"] >= 1
         finally:
             hf_accel.remove(model)

@@ -59,7 +59,12 @@ that later replaces a weight tensor (not `copy_` into it) must call `hf_accel.ru
    step is unchanged (one shared slot). `runtime.companion(draft_model)` is a runtime with the same options for a
    draft model, released with this one. Mark the `custom_generate` callable with `hf_accel_uses_runtime = True`
    and `fast`'s generate hands it over without a warning. The speculative plugins do all this
-   (plugins/speculative/backends.py); Medusa's trees still run on their own eager cache.
+   (plugins/speculative/backends.py). Draft trees (Medusa): `session.forward(tokens[B, Q], tree=parents)` (a host
+   tuple, -1 at node 0) places node i at slot next + i but position next + depth(i), with a mask of the cache, the
+   node and its ancestors, and returns (logits, last hidden states [B, Q, H]) (also for a chain, `hidden=True`), one
+   graph per tree; `session.move(src, dst)` then copies each row's accepted path's K/V ([B, m] absolute slots) to
+   contiguous slots (one graph per m) before `rewind`. A KV plugin's layer takes part only with
+   `move_slots(src, dst)` (the runtime's own layers move themselves); otherwise both raise Unsupported.
 
 A model or call that the runtime cannot serve exactly (encoder-decoder, flash attention, mixed sliding-window
 layers shorter than the cache, a layer that bypasses `past_key_values.update`, a failed capture, beam search,

@@ -24,8 +24,8 @@ import torch
 
 from ..compat import cache_kwarg
 from ..distributed import local_kv_heads, offload_reason
-from .attention import mask_kind, prefill_mask, use_fast_attention
-from .cache import KV_LAYER_ATTR, KVCache, KVPool, Unsupported
+from .attention import as_kind, mask_kind, prefill_mask, use_fast_attention
+from .cache import KV_LAYER_ATTR, KVCache, KVPool, StaticKVLayer, Unsupported
 from .sampling import SamplingPlan, StepKey, choose, process
 
 
@@ -122,6 +122,47 @@ def forward_tokens_batched(*args):
     return forward_tokens(*args)
 
 
+def tree_mask(prompt_valid, prompt_len, base, depth, visible, window: int | None, kind: str, dtype):
+    """[B, 1, Q, C] for the Q nodes of a draft tree at slots base .. base+Q-1 (`base` [B, 1] per row, or [1]):
+    node i sees the real prompt tokens, the generated ones before `base` and, inside the tree, itself and its
+    ancestors (`visible` [Q, Q] bool). For a sliding window, node i stands at slot base + depth[i] (its position)."""
+    c, q = prompt_valid.shape[1], visible.shape[0]
+    j = torch.arange(c, device=prompt_valid.device)
+    base = base.reshape(-1, 1)  # [B or 1, 1]
+    rel = j - base  # [B', C]: key slot relative to the tree's root
+    before = prompt_valid[:, None, :] | ((j >= prompt_len) & (rel < 0))[:, None, :]  # [B, 1, C]
+    if window:
+        before = before & (j > base[:, :, None] + depth[None, :, None] - window)  # [B, Q, C]
+    inside = visible[:, rel.clamp(0, q - 1)].transpose(0, 1) & ((rel >= 0) & (rel < q))[:, None, :]  # [B', Q, C]
+    return as_kind((before | inside)[:, None], "additive" if kind == "fast" else kind, dtype)
+
+
+def forward_tree(model, cache, tokens, positions, slots, base, depth, visible, prompt_valid, prompt_len,
+                 window: int, kind: str, dtype):
+    """Logits [B, Q, V] and the last hidden states [B, Q, H] (the lm_head's input) of the Q nodes of a draft tree
+    whose K/V go to `slots` = base + node index (see `tree_mask`; `positions` = the row's next position + depth)."""
+    mask = tree_mask(prompt_valid, prompt_len, base, depth, visible, window, kind, dtype)
+    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
+                output_hidden_states=True, **{cache_kwarg(model): cache})
+    return out.logits, out.hidden_states[-1]
+
+
+def forward_tree_batched(*args):
+    """The tree step for batch > 1 (its own compile options, as `forward_tokens_batched`)."""
+    return forward_tree(*args)
+
+
+def move_slots(keys: list, values: list, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy each row's K/V at slots `src` [B, m] to slots `dst` [B, m] in every layer ([B, H, C, D] buffers; all
+    reads of a layer happen before its writes)."""
+    for buffers in (keys, values):
+        for buf in buffers:
+            b, h, _, d = buf.shape
+            m = src.shape[1]
+            moved = buf.gather(2, src[:, None, :, None].expand(b, h, m, d))
+            buf.scatter_(2, dst[:, None, :, None].expand(b, h, m, d), moved)
+
+
 class Runtime:
     """Everything the fast path keeps for one model: KV pool, compiled forward, sessions and their graphs."""
 
@@ -211,16 +252,25 @@ class Runtime:
 
     # --- forward, compiled on CUDA ---------------------------------------------------------------------------------
 
-    def forward_fn(self, batch: int):
-        """The step function for a batch bucket: compiled on CUDA (batch 1 and batch > 1 each compile once)."""
+    def forward_fn(self, batch: int, tree: bool = False):
+        """The step function for a batch bucket: compiled on CUDA (batch 1 and batch > 1 each compile once).
+        `tree`: the draft-tree forward (`forward_tree`), compiled apart."""
         single = batch == 1
-        if single not in self._forward:
+        key = (single, tree) if tree else single
+        if key not in self._forward:
             if self.use_compile:
-                fn = forward_tokens if single else forward_tokens_batched
-                self._forward[single] = torch.compile(fn, options={"coordinate_descent_tuning": self.tune and single})
+                fn = (forward_tree if single else forward_tree_batched) if tree else \
+                    (forward_tokens if single else forward_tokens_batched)
+                self._forward[key] = torch.compile(fn, options={"coordinate_descent_tuning": self.tune and single})
             else:
-                self._forward[single] = forward_tokens
-        return self._forward[single]
+                self._forward[key] = forward_tree if tree else forward_tokens
+        return self._forward[key]
+
+    def move_fn(self):
+        """`move_slots`, compiled on CUDA (inductor fuses each layer's gather and scatter)."""
+        if "move" not in self._forward:
+            self._forward["move"] = torch.compile(move_slots) if self.use_compile else move_slots
+        return self._forward["move"]
 
     def uncompile(self, error: BaseException) -> None:
         self.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); the decode step runs eagerly "
@@ -448,9 +498,18 @@ class Session:
     # -- the contract for speculative decoding: forward Q tokens, rewind ------------------------------------------
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, tree: tuple | None = None, hidden: bool = False):
         """Logits [batch, Q, V] (float32) of Q tokens placed at the next Q slots of every row; advances slots and
-        positions by Q. Captured once per Q. The returned buffer is overwritten by the next call with the same Q."""
+        positions by Q. Captured once per Q. The returned buffer is overwritten by the next call with the same Q.
+
+        `tree` (a draft tree: the parent node of each of the Q nodes, a host tuple, -1 at node 0, every parent before
+        its children): node i still goes to slot next + i, but at position next + depth(i), and it sees the row's
+        cache, itself and its ancestors only (`tree_mask`); captured once per tree. `hidden=True` also returns the
+        last hidden states [batch, Q, H] (what Medusa heads read): (logits, hidden). Either needs KV layers whose
+        slots can be moved (`move`; else Unsupported). After verifying a tree, `move` the accepted path's K/V to
+        contiguous slots and `rewind` the rest."""
+        if tree is not None or hidden:
+            return self._forward_tree(tokens, tuple(tree) if tree is not None else (-1,) + tuple(range(tokens.shape[1] - 1)))
         rt, st = self.rt, self.state
         q, per_row = tokens.shape[1], self.per_row
         if (q, per_row) not in self.verify_buffers:  # everything the graph reads must outlive this call
@@ -490,6 +549,109 @@ class Session:
             self._capture(key, step, reset)
         self._run(key, step)
         return out
+
+    def check_trees(self) -> None:
+        """Unsupported unless tree forwards and `move` can run on this session's KV layers: the runtime's own
+        `StaticKVLayer`s, or a KV plugin's layers with `move_slots(src, dst)` that store keys at sequence slots."""
+        for layer in self.cache.layers:
+            own = type(layer) is StaticKVLayer
+            if not (own or callable(getattr(layer, "move_slots", None))) or hasattr(layer, "visible"):
+                raise Unsupported(f"the KV layers ({type(layer).__name__}) cannot move a verified draft path to "
+                                  "contiguous slots (no `move_slots`), so draft trees cannot run on them",
+                                  whole_model=False)
+
+    def _tree_buffers(self, parents: tuple) -> tuple:
+        key = ("tree", parents, self.per_row)
+        if key not in self.verify_buffers:  # everything the graph reads must outlive this call
+            self.check_trees()
+            rt, q = self.rt, len(parents)
+            if parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i):
+                raise ValueError(f"a draft tree needs parent[0] == -1 and 0 <= parent[i] < i; got {parents}")
+            depth = [0] * q
+            visible = torch.eye(q, dtype=torch.bool)
+            for i in range(1, q):
+                depth[i] = depth[parents[i]] + 1
+                visible[i] |= visible[parents[i]]
+            dev, long = rt.device, dict(dtype=torch.long, device=rt.device)
+            self.verify_buffers[key] = (
+                torch.zeros(self.batch, q, **long),  # tokens
+                torch.zeros((self.batch, q) if self.per_row else (q,), **long),  # slots
+                torch.zeros(self.batch, q, **long),  # positions
+                torch.zeros(self.batch, q, rt.vocab, dtype=torch.float32, device=dev),  # logits
+                torch.zeros(self.batch, q, rt.config.hidden_size, dtype=rt.dtype, device=dev),  # hidden states
+                torch.arange(q, device=dev),
+                torch.tensor(depth, **long),
+                visible.to(dev),
+            )
+        return key, self.verify_buffers[key]
+
+    def _forward_tree(self, tokens: torch.Tensor, parents: tuple):
+        rt, st = self.rt, self.state
+        key, (tok, slots, pos, out, hid, offsets, depth, visible) = self._tree_buffers(parents)
+        q = len(parents)
+        tok[: tokens.shape[0]].copy_(tokens)
+        next_slot = st.row_slot if self.per_row else st.slot  # [B, 1] or [1]
+
+        def step():
+            slots.copy_(next_slot + offsets)
+            pos.copy_((st.positions + depth).clamp_min(0))  # a rewound slot may be a left pad (position -1)
+            logits, h = rt.forward_fn(self.batch, tree=True)(rt.model, self.cache, tok, pos, slots, next_slot, depth,
+                                                             visible, st.prompt_valid, st.prompt_len, rt.window,
+                                                             rt.kind, rt.dtype)
+            out.copy_(logits.float())
+            hid.copy_(h)
+            next_slot.add_(q)  # as for a chain of Q tokens: `rewind` and `move` put the accepted path in place
+            st.positions.add_(q)
+
+        self.cache.set_slots(slots)
+        if rt.use_compile and self.batch > 1 and key not in self.graphs:  # symbolic batch, as the decode step's
+            for t in (tok, pos, slots) if self.per_row else (tok, pos):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if key not in self.graphs and rt.use_graphs:
+            saved = next_slot.clone(), st.positions.clone()
+
+            def reset():
+                next_slot.copy_(saved[0])
+                st.positions.copy_(saved[1])
+
+            self._capture(key, step, reset)
+        self._run(key, step)
+        return out, hid
+
+    @torch.no_grad()
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy each row's K/V at slots `src` [n, m] to slots `dst` [n, m] in every layer (n <= batch rows; all
+        reads before the writes): a verified tree's accepted path goes to contiguous slots. Device ops, captured
+        once per m; no host sync. Slots are absolute (the prompt's first slot is 0); the session's next slot and
+        position do not change (`rewind` to the end of the kept path)."""
+        rt = self.rt
+        m = src.shape[1]
+        key = ("move", m)
+        if key not in self.verify_buffers:
+            self.check_trees()
+            self.verify_buffers[key] = (torch.zeros(self.batch, m, dtype=torch.long, device=rt.device),
+                                        torch.zeros(self.batch, m, dtype=torch.long, device=rt.device))
+        src_buf, dst_buf = self.verify_buffers[key]
+        layers = self.cache.layers
+
+        def step():
+            if all(type(layer) is StaticKVLayer for layer in layers):
+                rt.move_fn()([layer.keys for layer in layers], [layer.values for layer in layers], src_buf, dst_buf)
+            else:
+                for layer in layers:
+                    layer.move_slots(src_buf, dst_buf)
+
+        if key not in self.graphs and rt.use_graphs:
+            src_buf.zero_()  # the warm-ups run the step: slot 0 onto itself changes nothing
+            dst_buf.zero_()
+            self._capture(key, step)
+        n = src.shape[0]
+        src_buf[:n].copy_(src)
+        dst_buf[:n].copy_(dst)
+        if n < self.batch:  # rows that only fill the bucket copy a slot onto itself
+            src_buf[n:].copy_(src[:1].expand(self.batch - n, m))
+            dst_buf[n:].copy_(src[:1].expand(self.batch - n, m))
+        self._run(key, step)
 
     def rewind(self, n: int | torch.Tensor) -> None:
         """Forget the last n tokens (their slots are masked from now on and overwritten by the next ones). `n`: an

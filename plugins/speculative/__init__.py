@@ -20,13 +20,15 @@ the target's distribution (exact rejection sampling). `adaptive=True` picks the 
 measured acceptance rate (k is then the upper bound). Batches: rows accept different numbers of tokens; each row has
 its own KV length, mask and positions (`rows.py`), so transformers' batch-size-1 limit does not apply.
 
-With `fast` in the spec (`fast+draft(...)`, `fast+selfdraft`, `fast+lookup`, `fast+recycle`) the target verifies on
-the fast runtime: static KV cache, per-row slots, each Q-token forward one CUDA graph (compiled) on the GPU; a draft
-model drafts on a companion runtime of its own. Drafters and the verification rule are the same code; only the
-"forward Q tokens / roll back" backend differs (`backends.py`). `model.hf_accel_spec_stats["runtime"]` says which
-ran. Medusa (trees, hidden states) and a call the runtime cannot serve (e.g. a KV plugin's layers without per-row
-slots at batch > 1) use the eager cache, with one warning per reason; a call speculative decoding cannot serve
-(repetition penalty, beam search, ...) goes to the runtime's own loop.
+With `fast` in the spec (`fast+draft(...)`, `fast+selfdraft`, `fast+lookup`, `fast+recycle`, `fast+medusa(...)`)
+the target verifies on the fast runtime: static KV cache, per-row slots, each Q-token forward one CUDA graph
+(compiled) on the GPU; a draft model drafts on a companion runtime of its own; Medusa's tree verifies in one graph
+per tree (positions by depth, ancestor mask, hidden states out) and its accepted path's K/V moves to contiguous
+slots in another. Drafters and the verification rule are the same code; only the "forward Q tokens / roll back"
+backend differs (`backends.py`). `model.hf_accel_spec_stats["runtime"]` says which ran. A call the runtime cannot
+serve (e.g. a KV plugin's layers without per-row slots at batch > 1, or, for Medusa, without `move_slots`) uses
+the eager cache, with one warning per reason; a call speculative decoding cannot serve (repetition penalty, beam
+search, ...) goes to the runtime's own loop.
 
 Design: `decode.py` (the loop, chain and tree verification, drafters), `rows.py` (per-row KV slots and tree masks),
 `backends.py` (where a model's per-row KV lives: `rows.py`'s eager cache or a fast-runtime session), `generate.py`

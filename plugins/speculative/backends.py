@@ -12,7 +12,11 @@ batch's slot layout (`decode.Batch`: one pad column, the left-padded prompt, the
   row has its own next slot, and `rewind` takes one count per row, so the batch needs no shared length. Each forward
   of Q tokens is one CUDA graph per Q on the GPU (the decode step is compiled), so small models stop paying kernel
   launches per layer. The backend remembers where it left every row (`next`, a device tensor) and rewinds the
-  session to the slots the loop asks for: device ops only, no host sync.
+  session to the slots the loop asks for: device ops only, no host sync. Medusa's draft trees run there too: the
+  nodes at the row's next slots with positions by depth and an ancestor mask (`Session.forward(tree=...)`, one
+  graph per tree, returning the last hidden states the heads read), then `Session.move` copies the accepted path's
+  K/V to contiguous slots (one graph per path length); KV layers that cannot move slots send the call to the eager
+  cache.
 """
 
 from __future__ import annotations
@@ -46,41 +50,58 @@ class EagerRows:
 
 class SessionRows:
     """A per-row runtime session over the batch's slots. The prompt (with the batch's pad column) is prefilled
-    whole; slots the loop feeds again get identical K/V."""
+    whole; slots the loop feeds again get identical K/V. `trees=True`: the loop will verify draft trees and read
+    hidden states (Medusa), which needs KV layers whose slots the session can move (else Unsupported at once)."""
 
-    def __init__(self, runtime, batch):
+    def __init__(self, runtime, batch, trees: bool = False):
         t, capacity = batch.prompt_len, batch.seq.shape[1]
         self.runtime = runtime
         self.session, _ = runtime.start(batch.seq[:, :t], batch.real[:, :t].long(), capacity - t, per_row=True)
+        if trees:
+            self.session.check_trees()
         self.rows = batch.seq.shape[0]
         self.next = batch.n.clone()  # [B] slot where the session places each row's next token
 
-    def forward(self, batch, tokens, offset: int, last_only: bool = False):
+    def forward(self, batch, tokens, offset: int, last_only: bool = False, *, tree=None, hidden: bool = False):
+        """`tree` (decode.Tree): the tokens are its nodes (`Session.forward(tree=...)`); `hidden=True` also returns
+        the last hidden states [B, q, H]: (logits, hidden)."""
         start = batch.n + offset
         self.session.rewind(self.next - start)  # never negative: the loop only asks for slots it wrote or the next
         try:
-            logits = self.session.forward(tokens)[: self.rows]
+            if tree is None and not hidden:
+                logits = self.session.forward(tokens)[: self.rows]
+            else:
+                logits, states = self.session.forward(tokens, tree=None if tree is None else tree.parents,
+                                                      hidden=True)
+                logits, states = logits[: self.rows], states[: self.rows]
         except Unsupported as e:  # a failed capture (new Q): later calls go eager at once; this one is rerun
             if e.whole_model:
                 self.runtime.disabled = str(e)
             raise
         self.next = start + tokens.shape[1]
-        return logits[:, -1:] if last_only else logits
+        if last_only:
+            logits, states = logits[:, -1:], (states[:, -1:] if hidden else None)
+        return (logits, states) if hidden else logits
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Each row's K/V at slots `src` [B, m] to `dst` (a verified tree's accepted path, `Session.move`)."""
+        self.session.move(src, dst)
 
 
 def opener(target, warn):
-    """`open_rows(model, batch, cached, eager_reason=None) -> backend` for one call: a runtime session when the
-    target has the `fast` runtime and it can serve (else, with a warning through `warn`, the eager cache), the eager
-    cache otherwise. `eager_reason` says why the loop needs the eager cache anyway (tree drafts, hidden states)."""
+    """`open_rows(model, batch, cached, eager_reason=None, trees=False) -> backend` for one call: a runtime session
+    when the target has the `fast` runtime and it can serve (else, with a warning through `warn`, the eager cache),
+    the eager cache otherwise. `eager_reason` says why the loop needs the eager cache anyway; `trees` that it
+    verifies draft trees and reads hidden states (Medusa: the session must be able to move K/V slots)."""
     runtime = get_runtime(target)
 
-    def open_rows(model, batch, cached: int, eager_reason: str | None = None):
+    def open_rows(model, batch, cached: int, eager_reason: str | None = None, trees: bool = False):
         if runtime is not None:
             reason = eager_reason
             if reason is None:
                 rt = runtime if model is target else runtime.companion(model)
                 try:
-                    return SessionRows(rt, batch)
+                    return SessionRows(rt, batch, trees)
                 except Unsupported as e:
                     reason = str(e)
                     if e.whole_model:  # e.g. a model that bypasses the cache: the runtime stops trying it

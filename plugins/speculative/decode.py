@@ -105,6 +105,7 @@ class Tree:
     depth: torch.Tensor  # [N] root depth 0
     visible: torch.Tensor  # [N, N] bool: node j is an ancestor of node i, or i itself
     levels: list  # levels[d - 1]: LongTensor of the nodes at depth d, d = 1 .. max_depth
+    parents: tuple = ()  # `parent` on the host (the runtime session keys its tree graphs by it)
 
     @classmethod
     def from_parents(cls, parent: list[int], device=None) -> "Tree":
@@ -118,7 +119,7 @@ class Tree:
             visible[i] = visible[parent[i]]
             visible[i, i] = True
         levels = [torch.tensor([i for i in range(n) if depth[i] == d]) for d in range(1, max(depth) + 1)]
-        return cls(torch.tensor(parent), torch.tensor(depth), visible, levels).to(device or "cpu")
+        return cls(torch.tensor(parent), torch.tensor(depth), visible, levels, tuple(parent)).to(device or "cpu")
 
     @property
     def max_depth(self) -> int:
@@ -333,18 +334,20 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
     """Generate up to `max_new_tokens` per row; returns [B, T + L] ids like `generate()` (rows that stop early are
     padded with `pad_id`). `drafter_factory(batch, sampler, open_rows)` builds the drafter once the batch layout
     exists. `length.k_max` bounds the drafts of one round (for a tree drafter: its number of non-root nodes).
-    `open_rows(model, batch, cached, eager_reason=None)` gives a model its per-row KV (backends.py); default: the
-    eager `RowCache`."""
+    `open_rows(model, batch, cached, eager_reason=None, trees=False)` gives a model its per-row KV (backends.py);
+    default: the eager `RowCache`."""
     b, t = input_ids.shape
     dev = input_ids.device
     capacity = t + 1 + max_new_tokens + length.k_max + 1
     batch = Batch.from_prompt(input_ids, attention_mask, pad_id, capacity)
-    open_rows = open_rows or (lambda model, batch, cached, eager_reason=None: EagerRows(model, batch, cached))
+    open_rows = open_rows or (lambda model, batch, cached, eager_reason=None, trees=False:
+                              EagerRows(model, batch, cached))
     drafter = drafter_factory(batch, sampler, open_rows)
     wants_hidden = getattr(drafter, "wants_hidden", False)
-    # all but the last prompt token, which the first round feeds; trees and hidden states need the eager cache
-    eager = "tree drafts and hidden states (medusa)" if wants_hidden or getattr(drafter, "trees", False) else None
-    rows_kv = open_rows(target, batch, batch.prompt_len - 1, eager)
+    trees = wants_hidden or getattr(drafter, "trees", False)  # a runtime session must be able to move K/V slots
+    # all but the last prompt token, which the first round feeds
+    rows_kv = open_rows(target, batch, batch.prompt_len - 1, trees=True) if trees else \
+        open_rows(target, batch, batch.prompt_len - 1)
     stats["runtime"] = hasattr(rows_kv, "session")  # the target verifies on the fast runtime (backends.py)
     rows = torch.arange(b, device=dev)
     budget = torch.full((b,), max_new_tokens, device=dev)  # tokens each row may still add; 0 once done
@@ -355,7 +358,7 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
         k = length.k
         drafts, draft_probs, tree = drafter.propose(batch, k)
         fed = torch.cat([batch.last_tokens(1), drafts], 1)  # [B, m+1] at slots n-1 .. n+m-1
-        extra = {"tree": tree, "hidden": wants_hidden} if eager else {}  # only the eager cache takes these
+        extra = {"tree": tree, "hidden": wants_hidden} if trees else {}
         logits = rows_kv.forward(batch, fed, -1, **extra)
         logits, hidden = logits if wants_hidden else (logits, None)
         if tree is None:

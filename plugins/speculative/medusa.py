@@ -20,6 +20,9 @@ Greedy output is token-identical to the target alone; sampled output has the tar
 deterministic top-k tokens, so drawing from p at each node and following a matching child is exact rejection
 sampling). Any batch size, left-padded rows of different lengths, each accepting its own path. The first round of a
 call is the root alone (no hidden state yet), i.e. one plain decode step.
+With `fast` applied too (`accel="fast+medusa(heads=...)"`), steps 2-3 run on the fast runtime's per-row session
+(`Session.forward(tree=...)` returns the hidden states the heads read; `Session.move` compacts the accepted path):
+on the GPU one CUDA graph per tree and one per path length (backends.py).
 """
 
 from __future__ import annotations
@@ -228,9 +231,9 @@ def build_tree(paths, device="cpu") -> MedusaTree:
         index[tuple(p)] = i + 1
     parent = [-1] + [index[tuple(p[:-1])] for p in paths]
     base = Tree.from_parents(parent, device)
-    return MedusaTree(base.parent, base.depth, base.visible, base.levels, tuple(paths),
-                      torch.tensor([len(p) - 1 for p in paths], dtype=torch.long, device=device),
-                      torch.tensor([p[-1] for p in paths], dtype=torch.long, device=device))
+    return MedusaTree(base.parent, base.depth, base.visible, base.levels, base.parents, paths=tuple(paths),
+                      head=torch.tensor([len(p) - 1 for p in paths], dtype=torch.long, device=device),
+                      rank=torch.tensor([p[-1] for p in paths], dtype=torch.long, device=device))
 
 
 # -------------------------------------------------------------------------------------------------------- drafter
@@ -243,7 +246,7 @@ class MedusaDrafter:
     """Tree drafts from the heads, read at the hidden state of each row's last accepted node (see decode.py)."""
 
     wants_hidden = True
-    trees = True  # both keep the target on the eager per-row cache (backends.py)
+    trees = True  # both ask the target's backend for tree forwards and hidden states (backends.py)
 
     def __init__(self, heads: MedusaHeads, tree: MedusaTree, lm_head, dtype, device):
         self.heads, self.tree, self.lm_head, self.dtype = heads, tree, lm_head, dtype
