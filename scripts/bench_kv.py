@@ -16,17 +16,23 @@ weights make calibration meaningless, and speed depends only on the share.
     python scripts/bench_kv.py --merge a.json b.json --out benchmarks/results/bench_kv.json   # + summary
     python scripts/bench_kv.py --tiny                                                        # CPU smoke run
 
-kvquant inside the fast runtime (a second one-call preset: each spec compiles the decode step, ~80 s on an H200):
+Eviction and kvquant inside the fast runtime (a second one-call preset; each spec family compiles its decode step
+once per batch kind, 1 and > 1, 58-77 s each on an H200):
 
     python3 scripts/bench_kv.py --preset h200-fast --out $OUT/bench_kv_fast_h200.json    # <= 9 min on an H200
     python scripts/bench_kv.py --preset h200-fast --tiny                                  # CPU smoke run
 
-It times decode (hf_accel.runtime.bench.measure: t(N new) - t(1 new), so the prefill cancels) of `fast`,
-`kvquant(bits=4)+fast`, `kvquant(bits=8)+fast` (attention reads the codes through the Triton kernel of
-kernels/kvquant_attention.py) and `kvquant(bits=4, kernel=torch)+fast` (the dequantised path it replaced) at 8k
-and 32k context, batch 1 (`--batches` for more; batch > 1 compiles again), with the predicted KV bytes per token
-and the copy-bandwidth limit of each row; first the kvquant kernel alone against bf16 matmul attention over the
-same context (8B attention shape), a few launch configurations each.
+It times decode (hf_accel.runtime.bench.measure: t(N new) - t(1 new), so the prefill cancels; 128 new tokens) of
+`fast` (full bf16 KV), `snapkv(budget=ctx/8, window=32)+fast`, `snapkv(budget=ctx/16)+fast` and
+`sink(window=ctx/8 - 4, sinks=4)+fast` (plugins/kv_cache/_fast_evict.py: layers of kept + new slots) at 8k and 32k
+context, batch 1 and 8, in priority order: 32k batch 8 (the issue's goal) for fast and both snapkv budgets, then 32k
+batch 1, then 8k; sink last, at 32k only. Each row records tok/s, `kv_gb_held` (what the cache allocated),
+`kv_gb_read_per_step` and the copy-bandwidth limit; the summary has `<row>_speedup_vs_fast` and
+`<row>_kv_held_vs_fast`, e.g. `snapkv_1of8_fast_ctx32k_b8_speedup_vs_fast`. A row whose estimated cost (a first
+compile ~90 s, four prefills at ~20k tokens/s; estimates, not measured) exceeds the time left is recorded as
+skipped. Dropped from this preset to stay within 9 minutes (two compiles per spec family): sink at 8k, and the
+kvquant rows it used to hold (the kvquant kernel alone against bf16 matmul attention, and `kvquant(bits=4|8)+fast`
+and `kvquant(bits=4, kernel=torch)+fast` at batch 1), which `--fast-kvquant` adds back after the eviction rows.
 
 Every run is one `model.generate` (greedy, `new` tokens, EOS off); a stopping criterion timestamps each step after
 a device sync, so prefill and decode are timed from the same call. `kv_mb` is the CUDA memory still held by the
@@ -222,49 +228,108 @@ def kv_bytes_per_token(config, spec: str) -> int:
     return config.num_hidden_layers * kv_heads * per_head
 
 
-def fast_kv_rows(model, device, contexts, batches, new, repeats, time_left, save, copy_gbps=None):
-    """Decode tok/s of each FAST_KV spec at each (context, batch), compiled once per spec (the capacity is symbolic)."""
+def fast_row(model, device, label, spec, ctx, batch, new, repeats, copy_gbps=None, fraction=None):
+    """One decode row of `spec` (already applied) at (ctx, batch): tok/s, KV bytes per token and held by the cache."""
     from hf_accel.runtime import get_runtime
     from hf_accel.runtime.bench import measure, weight_bytes_per_step
 
+    row = {"label": label, "spec": spec, "context": ctx, "batch": batch}
+    try:
+        row.update(measure(model, label, batch, ctx, new, repeats=repeats))
+        rt = get_runtime(model)
+        layers = [x for sess in rt.sessions.values() for x in sess.cache.layers]
+        row["fast_path_used"] = rt.stats["calls"] > 0 and rt.stats["fallbacks"] == 0
+        row["attention_reads_codes"] = bool(layers) and all(getattr(x, "reads_codes", False) for x in layers)
+        row["compile_and_capture_s"] = round(row.pop("warmup_s"), 1)
+        factory = rt.kv_factory()  # what the cache really holds (the largest bucket of the row)
+        held = factory.nbytes() if hasattr(factory, "nbytes") else sum(t.nbytes for t in rt.pool.k + rt.pool.v)
+        row["kv_gb_held"] = round(held / 1e9, 6)
+        row["kv_slots_per_row"] = max((getattr(x, "capacity", 0) for x in layers), default=0)
+    except Exception as e:  # OOM, a failed compile: recorded, the next row goes on
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    kv = kv_bytes_per_token(model.config, spec)
+    row["kv_bytes_per_token"] = kv
+    kept = ctx if fraction is None else ctx // fraction  # prompt tokens each row keeps (eviction: the budget)
+    row["kv_gb_read_per_step"] = round(batch * (kept + new / 2) * kv / 1e9, 6)
+    if copy_gbps and "decode_tok_s" in row:
+        step = weight_bytes_per_step(model) + batch * (kept + new / 2) * kv
+        row["limit_tok_s"] = round(batch * copy_gbps * 1e9 / step, 1)
+        row["pct_of_limit"] = round(100 * row["decode_tok_s"] / row["limit_tok_s"], 1)
+    for key in ("decode_tok_s", "ms_per_step", "ttft_s", "t_n_s", "peak_mem_gb", "bytes_per_step_gb"):
+        if key in row:
+            row[key] = round(row[key], 4)
+    row.pop("bytes_per_step_gb", None)  # measure() counts a bf16 cache of the whole context; the keys above are this spec's
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def fast_kv_rows(model, device, contexts, batches, new, repeats, time_left, save, copy_gbps=None):
+    """Decode tok/s of each FAST_KV spec at each (context, batch), compiled once per spec (the capacity is symbolic)."""
     rows = []
-    weights = weight_bytes_per_step(model)
     for label, spec in FAST_KV:
         hf_accel.remove(model)
         applied = False
         for ctx in contexts:
             for batch in batches:
-                row = {"label": label, "spec": spec, "context": ctx, "batch": batch}
                 if time_left() <= 0:
-                    rows.append({**row, "skipped": "time limit"})
+                    rows.append({"label": label, "spec": spec, "context": ctx, "batch": batch, "skipped": "time limit"})
                     continue
-                try:
-                    if not applied:
-                        hf_accel.apply(model, spec)
-                        applied = True
-                    row.update(measure(model, label, batch, ctx, new, repeats=repeats))
-                    rt = get_runtime(model)
-                    layers = [x for sess in rt.sessions.values() for x in sess.cache.layers]
-                    row["fast_path_used"] = rt.stats["calls"] > 0 and rt.stats["fallbacks"] == 0
-                    row["attention_reads_codes"] = bool(layers) and all(getattr(x, "reads_codes", False) for x in layers)
-                    row["compile_and_capture_s"] = round(row.pop("warmup_s"), 1)
-                except Exception as e:  # OOM, a failed compile: recorded, the next spec goes on
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                kv = kv_bytes_per_token(model.config, spec)
-                row["kv_bytes_per_token"] = kv
-                if copy_gbps and "decode_tok_s" in row:
-                    step = weights + batch * (ctx + new / 2) * kv
-                    row["limit_tok_s"] = round(batch * copy_gbps * 1e9 / step, 1)
-                    row["pct_of_limit"] = round(100 * row["decode_tok_s"] / row["limit_tok_s"], 1)
-                for key in ("decode_tok_s", "ms_per_step", "ttft_s", "t_n_s", "peak_mem_gb", "bytes_per_step_gb"):
-                    if key in row:
-                        row[key] = round(row[key], 4)
-                row.pop("bytes_per_step_gb", None)  # measure() counts a bf16 cache; kv_bytes_per_token is this spec's
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                if not applied:
+                    hf_accel.apply(model, spec)
+                    applied = True
+                rows.append(fast_row(model, device, label, spec, ctx, batch, new, repeats, copy_gbps))
                 save()
+    hf_accel.remove(model)
+    return rows
+
+
+# Eviction inside the fast runtime (plugins/kv_cache/_fast_evict.py): (label, spec, fraction of the context kept)
+EVICT_FAST = [("fast", "fast", None),
+              ("snapkv 1/8 + fast", "snapkv(budget={b}, window={win})+fast", 8),
+              ("snapkv 1/16 + fast", "snapkv(budget={b}, window={win})+fast", 16),
+              ("sink 1/8 + fast", "sink(window={w}, sinks=4)+fast", 8)]
+
+
+def evict_plan(contexts, batches):
+    """(label, spec template, fraction, ctx, batch) in priority order: the issue's goal row (largest context, largest
+    batch) for every spec first, then the largest context at the other batches, then the smaller contexts; sink
+    last. A spec family (fast, snapkv, sink) compiles once per batch kind (1, > 1): a new budget or context only
+    captures, so the order costs no extra compiles."""
+    ctxs, bs = sorted(contexts, reverse=True), sorted(batches, reverse=True)
+    cells = [(ctxs[0], b) for b in bs] + [(c, b) for c in ctxs[1:] for b in bs]
+    plan = [(label, spec, frac, c, b) for c, b in cells for label, spec, frac in EVICT_FAST if "sink" not in label]
+    return plan + [(label, spec, frac, c, b) for label, spec, frac in EVICT_FAST if "sink" in label
+                   for c, b in [(ctxs[0], b) for b in bs]]
+
+
+def evict_rows(model, device, contexts, batches, new, repeats, time_left, save, copy_gbps=None, tiny=False):
+    """Decode rows of EVICT_FAST (each row applies its spec: the budget follows the context). A row is skipped when
+    the time left is below its estimated cost: ~90 s when its spec family and batch kind have not compiled yet
+    (the H200's first compiles took 58-77 s), plus four prefills (measure's warm-ups and timed calls) at ~20k
+    tokens/s for the 8B shape (an estimate, not measured here)."""
+    rows, compiled = [], set()
+    for label, template, frac, ctx, batch in evict_plan(contexts, batches):
+        b = ctx // frac if frac else ctx
+        spec = template.format(b=b, w=b - 4, win=min(32, b // 2))
+        family = (label.split()[0], batch > 1)
+        reps = repeats if ctx * batch <= 65536 else 1  # the 32k x 8 prefill is ~13 s: one timed pair there
+        cost = (0 if family in compiled or tiny else 90) + (0 if tiny else (2 + 2 * reps) * ctx * batch / 20000)
+        if time_left() < cost:
+            rows.append({"label": label, "spec": spec, "context": ctx, "batch": batch,
+                         "skipped": f"time limit ({time_left():.0f} s left, ~{cost:.0f} s needed)"})
+            continue
+        hf_accel.remove(model)
+        try:
+            hf_accel.apply(model, spec)
+        except Exception as e:
+            rows.append({"label": label, "spec": spec, "context": ctx, "batch": batch,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        rows.append(fast_row(model, device, label, spec, ctx, batch, new, reps, copy_gbps, frac))
+        compiled.add(family)
+        save()
     hf_accel.remove(model)
     return rows
 
@@ -455,6 +520,8 @@ def main(argv=None):
     ap.add_argument("--quality", action="store_true", help="CPU quality rows on the 'tiny' reference model")
     ap.add_argument("--preset", choices=["h200", "h200-fast"], help="the one-call runs described at the top")
     ap.add_argument("--kernels", action="store_true", help="also benchmark the paged decode-attention kernel alone")
+    ap.add_argument("--fast-kvquant", action="store_true",
+                    help="h200-fast: also the kvquant kernel alone and kvquant+fast rows (batch 1), after the rest")
     ap.add_argument("--merge", nargs="+")
     ap.add_argument("--out", default="benchmarks/results/bench_kv.json")
     args = ap.parse_args(argv)
@@ -528,14 +595,14 @@ def main(argv=None):
 
 
 def main_fast(args, device):
-    """--preset h200-fast: the kvquant kernel alone, then FAST_KV end to end (see the top of the file)."""
+    """--preset h200-fast: EVICT_FAST (fast, snapkv 1/8 and 1/16, sink 1/8) at 8k and 32k, batch 1 and 8; with
+    --fast-kvquant also the kvquant kernel alone and FAST_KV (see the top of the file)."""
     start = time.perf_counter()
-    contexts = [8192, 32768] if args.contexts == [8192, 32768] else args.contexts
-    batches = [1] if args.batches == [1, 8] else args.batches
-    new, repeats = 128, 2
+    contexts, batches, new, repeats = args.contexts, args.batches, 128, 2
     if args.tiny:
-        contexts, batches, new, repeats = [256, 512], [1], 8, 1
+        contexts, batches, new, repeats = [256, 512], [1, 2], 8, 1
     limit = min(args.time_limit, 540.0)
+    time_left = lambda: limit - (time.perf_counter() - start)  # noqa: E731
     record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "versions": versions(device),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model": "Llama-3-8B shape, random bf16 weights" if not args.tiny else "tiny llama", "rows": []}
@@ -549,30 +616,46 @@ def main_fast(args, device):
     if device == "cuda":
         record["copy_bandwidth"] = copy_bandwidth()
     copy_gbps = record.get("copy_bandwidth", {}).get("copy_gbps")
-    record["kernel_rows"] = kvquant_kernel_rows(device, copy_gbps=copy_gbps)
-    save()
     model = build_model(args.tiny, device)
-    record["fast_kv_rows"] = fast_kv_rows(model, device, contexts, batches, new, repeats,
-                                          lambda: limit - (time.perf_counter() - start), save, copy_gbps)
+    record["evict_rows"] = evict_rows(model, device, contexts, batches, new, repeats, time_left, save, copy_gbps,
+                                      tiny=args.tiny)
+    save()
+    if args.fast_kvquant:
+        record["kernel_rows"] = kvquant_kernel_rows(device, copy_gbps=copy_gbps)
+        save()
+        record["fast_kv_rows"] = fast_kv_rows(model, device, contexts, [1] if not args.tiny else [1], new, repeats,
+                                              time_left, save, copy_gbps)
     record["summary"] = summarize_fast(record)
     save()
     print(json.dumps(record["summary"], indent=1))
 
 
+def _fast_key(label: str, ctx: int, batch: int) -> str:
+    """snake_case summary key of a row: 'snapkv 1/8 + fast', 32768, 8 -> 'snapkv_1of8_fast_ctx32k_b8'."""
+    name = label.replace(" + ", "_").replace(" ", "_").replace("/", "of")
+    return f"{name}_ctx{f'{ctx // 1024}k' if ctx >= 1024 else ctx}_b{batch}"
+
+
 def summarize_fast(record):
     s = {"gpu": record["versions"].get("gpu"), "versions": record["versions"], "date": record["date"],
          "command": record["command"], "model": record["model"]}
-    rows = {(r["label"], r["context"], r["batch"]): r for r in record.get("fast_kv_rows", []) if "decode_tok_s" in r}
+    all_rows = record.get("fast_kv_rows", []) + record.get("evict_rows", [])
+    rows = {(r["label"], r["context"], r["batch"]): r for r in all_rows if "decode_tok_s" in r}
     for (label, ctx, batch), r in rows.items():
-        key = f"{label.replace(' + ', '_').replace(' ', '_')}_ctx{f'{ctx // 1024}k' if ctx >= 1024 else ctx}_b{batch}"
+        key = _fast_key(label, ctx, batch)
         s[key + "_decode_tok_s"] = r["decode_tok_s"]
         s[key + "_kv_bytes_per_token"] = r["kv_bytes_per_token"]
-        if "pct_of_limit" in r:
-            s[key + "_pct_of_limit"] = r["pct_of_limit"]
+        for extra in ("kv_gb_held", "kv_gb_read_per_step", "pct_of_limit"):
+            if extra in r:
+                s[f"{key}_{extra}"] = r[extra]
         base = rows.get(("fast", ctx, batch))
         if base and label != "fast":
             s[key + "_speedup_vs_fast"] = round(r["decode_tok_s"] / base["decode_tok_s"], 3)
-        if "attention_reads_codes" in r and label != "fast":
+            if r.get("kv_gb_held") and base.get("kv_gb_held"):
+                s[key + "_kv_held_vs_fast"] = round(r["kv_gb_held"] / base["kv_gb_held"], 3)
+        if "fast_path_used" in r:
+            s[key + "_fast_path_used"] = r["fast_path_used"]
+        if "kvquant" in label:
             s[key + "_attention_reads_codes"] = r["attention_reads_codes"]
     for r in record.get("kernel_rows", []):
         if "ms" in r:
@@ -581,7 +664,8 @@ def summarize_fast(record):
             s[k + "_us"] = round(1000 * r["ms"], 2)
             s[k + "_gbps"] = r["gbps"]
     s["errors"] = {f"{r.get('label', r.get('kernel_bench'))} ctx{r['context']} b{r['batch']}": r["error"][:160]
-                   for r in record.get("fast_kv_rows", []) + record.get("kernel_rows", []) if "error" in r}
+                   for r in all_rows + record.get("kernel_rows", []) if "error" in r}
+    s["skipped"] = [f"{r['label']} ctx{r['context']} b{r['batch']}" for r in all_rows if "skipped" in r]
     return s
 
 
