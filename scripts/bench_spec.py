@@ -3,6 +3,7 @@
 
     python scripts/bench_spec.py                 # one H100: about 6 minutes, everything built inside the run
     python scripts/bench_spec.py --smoke         # CPU, random tiny models: checks the script end to end
+    python scripts/bench_spec.py --target DIR --draft DIR --methods fast,fast+draft,fast+medusa --skip-8b
 
 Writes benchmarks/results/bench_spec.json: raw rows plus a `summary`.
 
@@ -17,8 +18,14 @@ Writes benchmarks/results/bench_spec.json: raw rows plus a `summary`.
    and the message is recorded), and the hf_accel plugins draft, draft(adaptive), selfdraft, lookup, recycle.
    Last (they compile and capture on the GPU, within --budget-s): `fast` alone and the same plugins on the fast
    runtime (`fast+draft`, `fast+selfdraft`, `fast+lookup`, `fast+recycle`: static cache, per-row slots, CUDA
-   graphs; the row's `runtime` says the loop really ran there). Rows and summary give speedups against
-   transformers and against `fast` (`<method>_bs<b>_speedup_vs_fast`, `best_speedup_vs_fast_bs<b>`).
+   graphs; the row's `runtime` says the loop really ran there), and `fast+medusa` / `fast+medusa_wide` (Medusa
+   heads, the default sparse tree / a 44-node tree '4,2,2,1', verified as one tree forward on the runtime). The
+   heads are `--medusa DIR`, or trained here on the frozen target (`train_medusa`, --medusa-heads heads, at most
+   --medusa-steps steps of --medusa-batch x --medusa-seq-len tokens and --medusa-seconds; `models.medusa` records
+   what ran). Rows and summary give speedups against transformers and against `fast`
+   (`<method>_bs<b>_speedup_vs_fast`, `best_speedup_vs_fast_bs<b>`). `--methods a,b,...` times only the named
+   rows (any of transformers, hf_assisted, hf_prompt_lookup, the plugin names above, `medusa` (eager, only when
+   named), fast, fast+...); transformers' output is still computed once as the reference.
    `identical_rows` says how many rows equal transformers' output (bf16 verify of k+1 tokens may round differently
    from one-token decoding, so a rare late divergence is numerics, not a bug; the fp32 CPU tests are exact).
 3. The 8B shape (Llama-3-8B config, random bf16 weights, 1024-token context): milliseconds of one decode step vs
@@ -51,12 +58,30 @@ METHODS = {  # name -> spec (the draft path is filled in)
     "lookup": "lookup(k=8)",
     "recycle": "recycle(k=4)",
 }
+EXTRA_METHODS = {  # timed only when named in --methods
+    "medusa": "medusa(heads='{medusa}')",
+}
 FAST_METHODS = {  # the same loop on the fast runtime's sessions (plugins/speculative/backends.py)
     "fast+draft": "fast+draft(draft='{draft}', k=4)",
     "fast+selfdraft": "fast+selfdraft(k=4)",
     "fast+lookup": "fast+lookup(k=8)",
     "fast+recycle": "fast+recycle(k=4)",
+    "fast+medusa": "fast+medusa(heads='{medusa}')",
+    "fast+medusa_wide": "fast+medusa(heads='{medusa}', tree='4,2,2,1')",
 }
+BASELINES = ("transformers", "hf_assisted", "hf_prompt_lookup", "fast")
+
+
+def selected_methods(methods: str | None) -> list[str]:
+    """The row names --methods asks for (default: every row but EXTRA_METHODS)."""
+    known = [*BASELINES, *METHODS, *EXTRA_METHODS, *FAST_METHODS]
+    if methods is None:
+        return [m for m in known if m not in EXTRA_METHODS]
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {','.join(known)}")
+    return names
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -187,37 +212,83 @@ def _first_divergence(out, ref, prompt_len):
     return None if not diff.any() else int(diff.long().argmax(1)[diff.any(1)].min())
 
 
+def medusa_heads(args, target, target_dir, work: Path) -> tuple[Path, dict]:
+    """--medusa, or heads trained here on the frozen target (train_medusa on the held-in corpus, time-capped)."""
+    if args.medusa:
+        return Path(args.medusa), {"source": "given", "path": args.medusa}
+    from hf_accel.plugins.speculative.medusa import save_heads, train_medusa
+
+    t0 = time.time()
+    if args.smoke:
+        stream = torch.randint(3, target.config.vocab_size, (20_000,), generator=torch.Generator().manual_seed(0))
+        note = "random tokens (--smoke)"
+    else:
+        from hf_accel.quality import token_stream
+
+        stream = token_stream(AutoTokenizer.from_pretrained(target_dir), "train", args.medusa_tokens)
+        note = f"train split, {len(stream)} tokens"
+    tokenize_s = time.time() - t0
+    sync(args.device)
+    t1 = time.time()
+    torch.manual_seed(0)
+    heads, losses = train_medusa(target, stream=stream, heads=args.medusa_heads, steps=args.medusa_steps,
+                                 seq_len=args.medusa_seq_len, batch=args.medusa_batch, lr=args.medusa_lr,
+                                 max_seconds=args.medusa_seconds)
+    sync(args.device)
+    train_s = time.time() - t1
+    info = {"source": "trained here (frozen target)", "data": note, "heads": args.medusa_heads,
+            "steps": len(losses), "max_steps": args.medusa_steps, "batch": args.medusa_batch,
+            "seq_len": args.medusa_seq_len, "lr": args.medusa_lr, "train_s": round(train_s, 1),
+            "tokenize_s": round(tokenize_s, 1), "first_loss": round(losses[0], 3),
+            "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 3)}
+    path = save_heads(heads, work / "medusa", base_model=str(target_dir), training=info)
+    del heads
+    print(f"medusa heads: {info}", file=sys.stderr)
+    return path, info
+
+
 def bench_decoding(args, target_dir, draft_dir, device, dtype):
-    """Rows for transformers, its batch-1 speculative modes and every hf_accel method; returns (rows, context)."""
+    """Rows for transformers, its batch-1 speculative modes and every selected hf_accel method (eager ones; the
+    fast ones run in main); returns (rows, context)."""
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).to(device).eval()
     for m in (target, draft):
         m.generation_config.eos_token_id = None  # fixed-length runs: every method produces the same token count
         m.generation_config.pad_token_id = 0
+    chosen = args.methods
+    paths = {"draft": draft_dir, "medusa": None}
+    sizes = {"target_params": sum(p.numel() for p in target.parameters()),
+             "draft_params": sum(p.numel() for p in draft.parameters())}
+    if any("{medusa}" in {**METHODS, **EXTRA_METHODS, **FAST_METHODS}.get(m, "") for m in chosen):
+        paths["medusa"], sizes["medusa"] = medusa_heads(args, target, target_dir, args.work)
     new = args.new_tokens
     rows, runs = [], {}
     for batch in args.batches:
         ids, mask = prompts(args, target_dir, batch, target.config.vocab_size, device)
         kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
         t = ids.shape[1]
-        ref, sec = timed(lambda: target.generate(**kw), device, args.repeats)
+        if "transformers" in chosen:
+            ref, sec = timed(lambda: target.generate(**kw), device, args.repeats)
+            rows.append(decode_row("transformers", batch, sec, ref, None, t, new))
+        else:  # the reference output only
+            ref, sec = target.generate(**kw), None
         runs[batch] = (kw, ref, t, sec)
-        rows.append(decode_row("transformers", batch, sec, ref, None, t, new))
         for name, extra in (("hf_assisted", {"assistant_model": draft}),
                             ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 8})):
+            if name not in chosen:
+                continue
             try:
                 out, sec = timed(lambda: target.generate(**kw, **extra), device, args.repeats)
                 rows.append(decode_row(name, batch, sec, out, ref, t, new))
             except ValueError as e:  # batch > 1: "assisted generate is only supported for batch_size = 1"
                 rows.append({"method": name, "batch": batch, "refused": str(e)})
-        for name, spec in METHODS.items():
-            rows.append(with_spec(target, spec.format(draft=draft_dir), name, batch, runs[batch], new, device,
-                                  args.repeats))
+        for name, spec in {**METHODS, **EXTRA_METHODS}.items():
+            if name in chosen:
+                rows.append(with_spec(target, spec.format(**paths), name, batch, runs[batch], new, device,
+                                      args.repeats))
         for row in rows:
             print(f"  {row}", file=sys.stderr) if row.get("batch") == batch else None
-    sizes = {"target_params": sum(p.numel() for p in target.parameters()),
-             "draft_params": sum(p.numel() for p in draft.parameters())}
-    return rows, (target, runs, sizes)
+    return rows, (target, runs, sizes, paths)
 
 
 def with_spec(model, spec, name, batch, run, new, device, repeats):
@@ -334,19 +405,22 @@ def summarize(rows) -> tuple[dict, dict]:
             continue
         key = f"{row['method']}_bs{row['batch']}"
         summary[f"{key}_tokens_per_s"] = row["tokens_per_s"]
-        summary[f"{key}_speedup_vs_transformers"] = row.get("speedup_vs_transformers")
+        if "speedup_vs_transformers" in row:
+            summary[f"{key}_speedup_vs_transformers"] = row["speedup_vs_transformers"]
         if "speedup_vs_fast" in row:
             summary[f"{key}_speedup_vs_fast"] = row["speedup_vs_fast"]
         if "mean_accepted" in row:
             summary[f"{key}_mean_accepted"] = row["mean_accepted"]
         if row["method"] == "draft" and row.get("acceptance_rate") is not None:
             acceptance[row["batch"]] = row["acceptance_rate"]
-    spec_rows = [r for r in rows if (r.get("method") in METHODS or r.get("method") in FAST_METHODS)
-                 and "speedup_vs_transformers" in r]
+    spec_rows = [r for r in rows if r.get("method") in {**METHODS, **EXTRA_METHODS, **FAST_METHODS}
+                 and ("speedup_vs_transformers" in r or "speedup_vs_fast" in r)]
     for batch in sorted({r["batch"] for r in spec_rows}):
-        best = max((r for r in spec_rows if r["batch"] == batch), key=lambda r: r["speedup_vs_transformers"])
-        summary[f"best_method_bs{batch}"] = best["method"]
-        summary[f"best_speedup_vs_transformers_bs{batch}"] = best["speedup_vs_transformers"]
+        vs_hf = [r for r in spec_rows if r["batch"] == batch and "speedup_vs_transformers" in r]
+        if vs_hf:
+            best = max(vs_hf, key=lambda r: r["speedup_vs_transformers"])
+            summary[f"best_method_bs{batch}"] = best["method"]
+            summary[f"best_speedup_vs_transformers_bs{batch}"] = best["speedup_vs_transformers"]
         vs_fast = [r for r in spec_rows if r["batch"] == batch and "speedup_vs_fast" in r]
         if vs_fast:  # what speculative decoding adds on top of the plain fast runtime
             best = max(vs_fast, key=lambda r: r["speedup_vs_fast"])
@@ -378,10 +452,22 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats-8b", type=int, default=10)
     ap.add_argument("--skip-8b", action="store_true")
     ap.add_argument("--budget-s", type=float, default=360, help="skip `fast` if the run would exceed this")
+    ap.add_argument("--methods", help="comma-separated rows to time (default: all but the eager medusa), e.g. "
+                                      "fast,fast+draft,fast+lookup,fast+recycle,fast+medusa")
+    ap.add_argument("--medusa", help="Medusa heads folder; default: trained here on the frozen target")
+    ap.add_argument("--medusa-heads", type=int, default=4)
+    ap.add_argument("--medusa-steps", type=int, default=3000, help="at most this many training steps")
+    ap.add_argument("--medusa-seconds", type=float, default=60, help="and at most this much training time")
+    ap.add_argument("--medusa-batch", type=int, default=16)
+    ap.add_argument("--medusa-seq-len", type=int, default=256)
+    ap.add_argument("--medusa-lr", type=float, default=1e-3)
+    ap.add_argument("--medusa-tokens", type=int, default=2_000_000, help="train-split tokens the heads sample from")
     args = ap.parse_args(argv)
+    args.methods = selected_methods(args.methods)
     args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if args.smoke:
         args.new_tokens, args.repeats, args.repeats_8b, args.batches = min(args.new_tokens, 24), 1, 2, [1, 4]
+        args.medusa_steps, args.medusa_batch, args.medusa_seq_len = min(args.medusa_steps, 20), 4, 32
         torch.set_num_threads(1)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     if args.device == "cuda":
@@ -392,7 +478,7 @@ def main(argv=None) -> None:
     target_dir, draft_dir, model_info = get_models(args, args.work)
     model_info["seconds"] = round(time.time() - started, 1)
     print(f"models: {model_info}", file=sys.stderr)
-    rows, (target, runs, sizes) = bench_decoding(args, target_dir, draft_dir, args.device, dtype)
+    rows, (target, runs, sizes, paths) = bench_decoding(args, target_dir, draft_dir, args.device, dtype)
     model_info.update(sizes)
     add_speedups(rows)
     summary = {}
@@ -417,9 +503,12 @@ def main(argv=None) -> None:
         rows += rows_8b
         write("8b_shape")
     if importlib.util.find_spec("hf_accel.runtime") is not None:  # CPU (--smoke): eager, no compile, no graphs
-        fast_methods = {"fast": "fast", **{name: spec.format(draft=draft_dir) for name, spec in FAST_METHODS.items()}}
+        fast_methods = {"fast": "fast", **{name: spec.format(**paths) for name, spec in FAST_METHODS.items()
+                                           if name in args.methods}}
         for batch, run in runs.items():
             for name, spec in fast_methods.items():
+                if name not in args.methods:
+                    continue
                 spent = time.time() - started
                 if args.device == "cuda" and spent > args.budget_s:  # each compiles and captures per batch bucket
                     skipped.append(f"{name} bs{batch}: {spent:.0f} s spent, over --budget-s {args.budget_s}")

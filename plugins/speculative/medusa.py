@@ -28,6 +28,7 @@ on the GPU one CUDA graph per tree and one per path length (backends.py).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,13 @@ def _last_hidden(model, **kwargs) -> torch.Tensor:
 
 
 def train_medusa(model, tokenizer=None, *, heads: int = 3, steps: int = 200, seq_len: int = 128, batch: int = 8,
-                 lr: float = 1e-3, stream: torch.Tensor | None = None, progress: bool = False, seed: int = 0):
+                 lr: float = 1e-3, stream: torch.Tensor | None = None, progress: bool = False, seed: int = 0,
+                 max_seconds: float | None = None):
     """Train `heads` Medusa heads with the base frozen on the reference corpus (`token_stream(tokenizer, 'train')`).
 
     Returns (MedusaHeads, losses per step). Loss: mean cross-entropy of head k at position i against token i+2+k.
+    `max_seconds`: stop after the step that passes this much training time (fewer than `steps` steps; the number
+    done is len(losses)).
     """
     if heads < 1:
         raise OptionError(f"train_medusa: heads must be >= 1, got {heads}")
@@ -107,7 +111,10 @@ def train_medusa(model, tokenizer=None, *, heads: int = 3, steps: int = 200, seq
         from tqdm.auto import tqdm
 
         bar = tqdm(bar, desc="medusa heads")
+    started = time.perf_counter()
     for _ in bar:
+        if max_seconds is not None and losses and time.perf_counter() - started > max_seconds:
+            break
         starts = torch.randint(0, stream.numel() - width, (batch,), generator=g)
         ids = torch.stack([stream[s: s + width] for s in starts.tolist()]).to(device)
         with torch.no_grad():
@@ -257,10 +264,23 @@ class MedusaDrafter:
     def propose(self, batch, k: int) -> Proposal:
         if self.hidden is None:  # the call's first round: no hidden state yet, so the root alone
             return Proposal(batch.seq.new_zeros(batch.seq.shape[0], 0), tree=self.root_only)
-        logits = self.heads(self.hidden.to(self.dtype), self.lm_head)  # [K, B, V]
+        logits = self._head_logits(self.hidden.to(self.dtype))  # [K, B, V]
         top = logits.topk(self.max_rank, dim=-1).indices  # [K, B, R]
         nodes = top[self.tree.head, :, self.tree.rank]  # [N-1, B]
         return Proposal(nodes.T.contiguous(), tree=self.tree)
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`heads(hidden, lm_head)` [K, B, V] in few kernels: the K blocks as one matmul, the lm_head once over all
+        heads (a round's eager work, between two runtime graphs, is launch-bound)."""
+        blocks = self.heads.blocks
+        if type(self.lm_head) is not nn.Linear or self.lm_head.weight.dtype != blocks[0].weight.dtype:
+            return self.heads(hidden, self.lm_head)
+        if getattr(self, "_stacked", None) is None or self._stacked[0].device != hidden.device:
+            self._stacked = (torch.cat([b.weight for b in blocks]), torch.cat([b.bias for b in blocks]))
+        weight, bias = self._stacked
+        k, (b, h) = len(blocks), hidden.shape
+        inner = nn.functional.silu(nn.functional.linear(hidden, weight, bias)).view(b, k, h)
+        return self.lm_head((hidden[:, None] + inner).transpose(0, 1))  # [K, B, V]
 
     def observe(self, fed, logits, hidden, last) -> None:
         self.hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
