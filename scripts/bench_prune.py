@@ -217,8 +217,8 @@ def triton24_candidates(m, n, k, sms):
 
     if m >= S.DOT_MIN_M:
         bm = max(16, min(64, p2(m)))
-        return [cfg("dot", 64, 64, bm, 4, 3), cfg("dot", 32, 128, bm, 4, 2), cfg("dot", 128, 64, bm, 8, 2),
-                cfg("dot", 16, 64, bm, 4, 3), cfg("dot", 32, 64, bm, 4, 4, split=1)]
+        return [cfg("dot", 128, 64, bm, 8, 2), cfg("dot", 64, 64, bm, 4, 3), cfg("dot", 64, 32, bm, 4, 3),
+                cfg("dot", 64, 64, bm, 8, 2), cfg("dot", 32, 64, bm, 4, 2)]
     bm = p2(m)
     kind = "xsel" if m <= S.XSEL_MAX_M else "planes"
     other = "planes" if kind == "xsel" else "xsel"
