@@ -46,41 +46,140 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+
     @triton.jit
-    def _dequant_tile(C_ptr, S_ptr, Z_ptr, offs_n, load, s_cn, s_sn,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Codes of the slots offs_n [BLOCK_N] -> float32 [BLOCK_N, D] = code * scale + min (0 where not `load`)."""
-        PER: tl.constexpr = 32 // BITS  # channels per int32 word
-        DW: tl.constexpr = D // PER
+    def _plane(w, k: tl.constexpr, BITS: tl.constexpr):
+        """Code k of every int32 word (channel word * 32 / BITS + k)."""
+        return (w >> (k * BITS)) & ((1 << BITS) - 1)
+
+    @triton.jit
+    def _natural(w, BITS: tl.constexpr):
+        """int32 words [..., X] -> codes [..., X * 32 / BITS] in channel order (code k of word j = channel
+        j * 32 / BITS + k). Planes are extracted with a shift and a mask and put in order with `tl.interleave`
+        (a join plus a merge of the in-thread last dimension: register renaming, no shared memory)."""
+        if BITS == 8:  # order(0..3) = I(order(0, 2), order(1, 3))
+            c = tl.interleave(tl.interleave(_plane(w, 0, 8), _plane(w, 2, 8)),
+                              tl.interleave(_plane(w, 1, 8), _plane(w, 3, 8)))
+        elif BITS == 4:  # order(0..7) = I(order(evens), order(odds)), recursively
+            c = tl.interleave(
+                tl.interleave(tl.interleave(_plane(w, 0, 4), _plane(w, 4, 4)),
+                              tl.interleave(_plane(w, 2, 4), _plane(w, 6, 4))),
+                tl.interleave(tl.interleave(_plane(w, 1, 4), _plane(w, 5, 4)),
+                              tl.interleave(_plane(w, 3, 4), _plane(w, 7, 4))))
+        else:
+            c = tl.interleave(
+                tl.interleave(
+                    tl.interleave(tl.interleave(_plane(w, 0, 2), _plane(w, 8, 2)),
+                                  tl.interleave(_plane(w, 4, 2), _plane(w, 12, 2))),
+                    tl.interleave(tl.interleave(_plane(w, 2, 2), _plane(w, 10, 2)),
+                                  tl.interleave(_plane(w, 6, 2), _plane(w, 14, 2)))),
+                tl.interleave(
+                    tl.interleave(tl.interleave(_plane(w, 1, 2), _plane(w, 9, 2)),
+                                  tl.interleave(_plane(w, 5, 2), _plane(w, 13, 2))),
+                    tl.interleave(tl.interleave(_plane(w, 3, 2), _plane(w, 11, 2)),
+                                  tl.interleave(_plane(w, 7, 2), _plane(w, 15, 2)))))
+        return c
+
+    @triton.jit
+    def _load_codes(C_ptr, S_ptr, Z_ptr, offs_n, load, s_cn, s_sn,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr):
+        """The raw words and scales / minima of slots offs_n [N] (0 where not `load`): words as [N, A, BW] int32 with
+        A = D / GROUP groups of BW words each (A = words per row, BW = 1, when a group is smaller than a word),
+        scale and minimum [N, D / GROUP] in the storage dtype. One vector load per thread and row of words, one
+        element per group for the scales: exactly the bytes of the slots that some row attends to."""
+        NW: tl.constexpr = D * BITS // 32
         NG: tl.constexpr = D // GROUP
-        offs_w = tl.arange(0, DW)
-        words = tl.load(C_ptr + offs_n[:, None] * s_cn + offs_w[None, :], mask=load[:, None], other=0)
-        shifts = tl.arange(0, PER) * BITS
-        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # channel = word * PER + p
-        f = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + code, exactly; minus 2^23
+        A: tl.constexpr = NG if GROUP * BITS >= 32 else NW
+        BW: tl.constexpr = NW // A
+        offs_a = tl.arange(0, A)
+        offs_w = tl.arange(0, BW)
+        w = tl.load(C_ptr + offs_n[:, None, None] * s_cn + offs_a[None, :, None] * BW + offs_w[None, None, :],
+                    mask=load[:, None, None], other=0)
         offs_g = tl.arange(0, NG)
-        sz_off = offs_n[:, None] * s_sn + offs_g[None, :]
-        s = tl.load(S_ptr + sz_off, mask=load[:, None], other=0.0).to(tl.float32)
-        z = tl.load(Z_ptr + sz_off, mask=load[:, None], other=0.0).to(tl.float32)
-        x = tl.reshape(f, (BLOCK_N, NG, GROUP)) * s[:, :, None] + z[:, :, None]
+        sz = offs_n[:, None] * s_sn + offs_g[None, :]
+        s = tl.load(S_ptr + sz, mask=load[:, None], other=0.0)
+        z = tl.load(Z_ptr + sz, mask=load[:, None], other=0.0)
+        return w, s, z
+
+    @triton.jit
+    def _dequant(w, s, z, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr):
+        """[N, A, BW] words + [N, NG] scale / minimum -> float32 [N, D] = code * scale + min. A code becomes a float
+        through the exponent trick ((code | 0x4B000000) is 2^23 + code as a float32; minus 2^23 is exact), not the
+        conversion unit; the scale and minimum broadcast over their group's GROUP channels (one FMA per element)."""
+        NG: tl.constexpr = D // GROUP
+        c = _natural(w, BITS)  # [N, A, BW * 32 / BITS]
+        f = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        if GROUP * BITS < 32:  # several groups per word: channels regrouped by group (not the 8B default)
+            f = tl.reshape(f, (BLOCK_N, NG, GROUP))
+        x = f * s.to(tl.float32)[:, :, None] + z.to(tl.float32)[:, :, None]
         return tl.reshape(x, (BLOCK_N, D))
 
     @triton.jit
+    def _load_mask(MASK, s_mq, s_mn, t, rmask, offs_n, lo, hi, mask_floor,
+                   ADDITIVE: tl.constexpr, ONE_TOKEN: tl.constexpr):
+        """(valid, bias * log2(e)) of slots offs_n restricted to [lo, hi): [N] when every row is the same query token
+        (decode: one mask row for the whole GQA group), else [BLOCK_R, N] by each row's token."""
+        inr = (offs_n >= lo) & (offs_n < hi)
+        if ONE_TOKEN:
+            mk = tl.load(MASK + offs_n * s_mn, mask=inr, other=0)
+            sees = inr
+        else:
+            sees = rmask[:, None] & inr[None, :]
+            mk = tl.load(MASK + t[:, None] * s_mq + offs_n[None, :] * s_mn, mask=sees, other=0)
+        if ADDITIVE:
+            bias = mk.to(tl.float32)
+            valid = sees & (bias > mask_floor)
+            bias = bias * 1.4426950408889634
+        else:
+            valid = sees & (mk != 0)
+            bias = tl.zeros(valid.shape, tl.float32)
+        return valid, bias
+
+    @triton.jit
+    def _seen(valid, ONE_TOKEN: tl.constexpr):
+        """[N]: slots some row attends to (the ones whose codes are loaded)."""
+        if ONE_TOKEN:
+            return valid
+        return tl.max(valid.to(tl.int32), 0) > 0
+
+    @triton.jit
     def _mm(a, b, IEEE: tl.constexpr):
-        """float32 operands: TF32 tensor cores for half-precision models (their K/V were rounded to 8 mantissa bits
-        anyway), exact float32 for float32 models; the interpreter multiplies in float32 either way."""
+        """Operands in the model dtype (bf16 / fp16 tensor cores, float32 accumulation); exact float32 for float32
+        models. Under TRITON_INTERPRET=1 the operands stay float32 (DOT_F32): the interpreter's tl.dot multiplies
+        bf16 operands as their raw bits and its float32 -> bf16 cast truncates (triton 3.9)."""
         if IEEE:
             return tl.dot(a, b, input_precision="ieee")
         return tl.dot(a, b)
 
     @triton.jit
+    def _online(s, valid, bias, v, m, l, acc, ADDITIVE: tl.constexpr, ONE_TOKEN: tl.constexpr, IEEE: tl.constexpr):
+        """One tile of the online softmax in base 2: scores s [R, N] (already times scale * log2(e)), values v [N, D]
+        in the dot dtype."""
+        if ONE_TOKEN:
+            valid2 = valid[None, :]
+            bias2 = bias[None, :]
+        else:
+            valid2 = valid
+            bias2 = bias
+        if ADDITIVE:
+            s = s + bias2
+        s = tl.where(valid2, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])  # exactly 0 where masked
+        alpha = tl.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+        return m_new, l, acc
+
+    @triton.jit
     def _kvq_decode_kernel(Q, KC, KS, KZ, VC, VS, VZ, CH, RK, RV, QL, MASK, Mo, Lo, Ao, Out,
                            s_qb, s_qh, s_qt, s_cb, s_ch, s_cn, s_sb, s_sh, s_sn, s_chb, s_chh,
                            s_rb, s_rh, s_rn, s_mb, s_mq, s_mn, s_ob, s_ot, s_oh,
-                           H, G, QN, C, W, TILES_PER_SPLIT, SPLITS, scale, mask_floor,
+                           H, G, QN, C, W, SLOTS_PER_SPLIT, SPLITS, scale, mask_floor,
                            BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_N: tl.constexpr, ADDITIVE: tl.constexpr, IEEE: tl.constexpr,
-                           DIRECT: tl.constexpr):
+                           DIRECT: tl.constexpr, ONE_TOKEN: tl.constexpr, DOT_F32: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // H).to(tl.int64)  # row offsets exceed 2^31 bytes at long context x large batch
@@ -88,52 +187,66 @@ if HAS_TRITON:
         R = G * QN
         offs_r = tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, D)
+        offs_b = tl.arange(0, BLOCK_N)
         rmask = offs_r < R
         g = offs_r // QN
         t = offs_r % QN  # row r = g * QN + t: query head h * G + g, query token t
         q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + t[:, None] * s_qt + offs_d[None, :],
-                    mask=rmask[:, None], other=0.0).to(tl.float32)
+                    mask=rmask[:, None], other=0.0).to(tl.float32) * (scale * 1.4426950408889634)
         ch = tl.load(CH + b * s_chb + h * s_chh + offs_d).to(tl.float32)
-        ql = tl.load(QL)
+        dot_dtype = tl.float32 if DOT_F32 else Q.dtype.element_ty
+        qc = (q * ch[None, :]).to(dot_dtype)  # the keys' channel scale, folded into the query once
+        ql = tl.load(QL).to(tl.int32)
         kc = KC + b * s_cb + h * s_ch
         vc = VC + b * s_cb + h * s_ch
         ks, kz = KS + b * s_sb + h * s_sh, KZ + b * s_sb + h * s_sh
         vs, vz = VS + b * s_sb + h * s_sh, VZ + b * s_sb + h * s_sh
-        rk, rv = RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh
+        mbase = MASK + b * s_mb
         m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, D), tl.float32)
-        start = split * TILES_PER_SPLIT * BLOCK_N
-        stop = tl.minimum(start + TILES_PER_SPLIT * BLOCK_N, C)
-        for n0 in range(start, stop, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            inb = offs_n < C
-            sees = rmask[:, None] & inb[None, :]
-            mk = tl.load(MASK + b * s_mb + t[:, None] * s_mq + offs_n[None, :] * s_mn, mask=sees, other=0)
-            if ADDITIVE:
-                bias = mk.to(tl.float32)
-                valid = sees & (bias > mask_floor)
-            else:
-                valid = sees & (mk != 0)
-            load = tl.max(valid.to(tl.int32), 0) > 0  # [BLOCK_N]: some row of this tile sees the slot
-            quant = load & (offs_n < ql)
-            ring = load & (offs_n >= ql)
-            ring_off = (offs_n % W)[:, None] * s_rn + offs_d[None, :]
-            k = _dequant_tile(kc, ks, kz, offs_n, quant, s_cn, s_sn, BITS, GROUP, D, BLOCK_N) * ch[None, :]
-            k = tl.where(quant[:, None], k, tl.load(rk + ring_off, mask=ring[:, None], other=0.0).to(tl.float32))
-            s = _mm(q, tl.trans(k), IEEE) * scale  # [BLOCK_R, BLOCK_N]
-            if ADDITIVE:
-                s = s + bias
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])  # exactly 0 where masked
-            alpha = tl.exp(m - m_safe)
-            v = _dequant_tile(vc, vs, vz, offs_n, quant, s_cn, s_sn, BITS, GROUP, D, BLOCK_N)
-            v = tl.where(quant[:, None], v, tl.load(rv + ring_off, mask=ring[:, None], other=0.0).to(tl.float32))
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _mm(p, v, IEEE)
-            m = m_new
+        start = split * SLOTS_PER_SPLIT
+        stop = tl.minimum(start + SLOTS_PER_SPLIT, C)
+
+        # slots [start, min(stop, qlen)): the codes. The loads of tile i + 1 (and the mask of tile i + 2) are issued
+        # before tile i is computed, so a program always has a tile of bytes in flight while it computes.
+        hi = tl.minimum(stop, ql)
+        valid, bias = _load_mask(mbase, s_mq, s_mn, t, rmask, start + offs_b, start, hi, mask_floor,
+                                 ADDITIVE, ONE_TOKEN)
+        load = _seen(valid, ONE_TOKEN)
+        kw, ksc, kzr = _load_codes(kc, ks, kz, start + offs_b, load, s_cn, s_sn, BITS, GROUP, D)
+        vw, vsc, vzr = _load_codes(vc, vs, vz, start + offs_b, load, s_cn, s_sn, BITS, GROUP, D)
+        valid1, bias1 = _load_mask(mbase, s_mq, s_mn, t, rmask, start + BLOCK_N + offs_b, start, hi,
+                                   mask_floor, ADDITIVE, ONE_TOKEN)
+        for n0 in range(start, hi, BLOCK_N):
+            nxt = n0 + BLOCK_N + offs_b
+            load1 = _seen(valid1, ONE_TOKEN)
+            kw1, ksc1, kzr1 = _load_codes(kc, ks, kz, nxt, load1, s_cn, s_sn, BITS, GROUP, D)
+            vw1, vsc1, vzr1 = _load_codes(vc, vs, vz, nxt, load1, s_cn, s_sn, BITS, GROUP, D)
+            valid2, bias2 = _load_mask(mbase, s_mq, s_mn, t, rmask, nxt + BLOCK_N, start, hi, mask_floor,
+                                       ADDITIVE, ONE_TOKEN)
+            k = _dequant(kw, ksc, kzr, BLOCK_N, BITS, GROUP, D).to(dot_dtype)
+            s = _mm(qc, tl.trans(k), IEEE)  # [BLOCK_R, BLOCK_N], base-2 logits
+            v = _dequant(vw, vsc, vzr, BLOCK_N, BITS, GROUP, D).to(dot_dtype)
+            m, l, acc = _online(s, valid, bias, v, m, l, acc, ADDITIVE, ONE_TOKEN, IEEE)
+            kw, ksc, kzr, vw, vsc, vzr = kw1, ksc1, kzr1, vw1, vsc1, vzr1
+            valid, bias, valid1, bias1 = valid1, bias1, valid2, bias2
+
+        # slots [max(start, qlen), stop): the full-precision ring, slot j at ring row j % W (at most W slots in all)
+        qr = q.to(dot_dtype)
+        lo = tl.maximum(start, ql)
+        rk, rv = RK + b * s_rb + h * s_rh, RV + b * s_rb + h * s_rh
+        for r0 in range(lo, stop, BLOCK_N):
+            offs_rn = r0 + offs_b
+            rvalid, rbias = _load_mask(mbase, s_mq, s_mn, t, rmask, offs_rn, lo, stop, mask_floor,
+                                       ADDITIVE, ONE_TOKEN)
+            rload = _seen(rvalid, ONE_TOKEN)
+            ring_off = (offs_rn % W)[:, None] * s_rn + offs_d[None, :]
+            rkt = tl.load(rk + ring_off, mask=rload[:, None], other=0.0).to(dot_dtype)
+            rs = _mm(qr, tl.trans(rkt), IEEE)
+            rvt = tl.load(rv + ring_off, mask=rload[:, None], other=0.0).to(dot_dtype)
+            m, l, acc = _online(rs, rvalid, rbias, rvt, m, l, acc, ADDITIVE, ONE_TOKEN, IEEE)
+
         if DIRECT:  # one split: normalise and write the output here (no partials, no second kernel)
             out = acc / tl.maximum(l, 1e-30)[:, None]  # a row that sees nothing: 0
             tl.store(Out + b * s_ob + t[:, None] * s_ot + (h * G + g)[:, None] * s_oh + offs_d[None, :],
@@ -147,7 +260,8 @@ if HAS_TRITON:
     @triton.jit
     def _kvq_combine_kernel(Mo, Lo, Ao, Out, s_ob, s_ot, s_oh, H, G, QN, SPLITS,
                             D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """One (row, KV head, query row): merge the splits' partials, divide, round once to the output dtype."""
+        """One (row, KV head, query row): merge the splits' partials (maxima in base 2), divide, round once to the
+        output dtype."""
         pid = tl.program_id(0)
         R = G * QN
         r = pid % R
@@ -162,7 +276,7 @@ if HAS_TRITON:
         l = tl.load(Lo + part, mask=smask, other=0.0)
         acc = tl.load(Ao + part[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
         top = tl.max(m, 0)
-        w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))  # splits that saw nothing weigh 0
+        w = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # splits that saw nothing weigh 0
         denom = tl.sum(l * w, 0)
         out = tl.sum(acc * w[:, None], 0) / tl.maximum(denom, 1e-30)  # a row that sees nothing: 0
         tl.store(Out + b * s_ob + (r % QN) * s_ot + (h * G + r // QN) * s_oh + offs_d, out.to(Out.dtype.element_ty))
@@ -173,15 +287,28 @@ def _pow2(n: int) -> bool:
 
 
 def kernel_supported(head_dim: int, bits: int, group: int) -> bool:
-    """The layouts the Triton kernel reads: a power-of-two head_dim of 16..256 and group (the tiles are reshaped by
-    group), 8/4/2-bit codes whose rows are whole int32 words."""
+    """The layouts the Triton kernel reads: a power-of-two head_dim of 16..256 and group, 8/4/2-bit codes whose
+    rows are whole int32 words."""
     return (HAS_TRITON and bits in (8, 4, 2) and _pow2(head_dim) and 16 <= head_dim <= 256 and _pow2(group)
             and group <= head_dim and head_dim * bits % 32 == 0)
 
 
-def choose_splits(bh: int, tiles: int, target_programs: int = 264) -> int:
-    """Programs per (row, KV head): enough to fill the GPU (~2 waves of 132 SMs), each with >= 4 tiles."""
+SMS = 132  # H100 / H200
+
+
+def choose_splits(bh: int, slots: int, block_n: int, target_programs: int = 4 * SMS) -> int:
+    """Programs per (row, KV head): ~4 per SM, so that each SM has four programs' tiles in flight (each program keeps
+    one tile of loads ahead of its compute), each program with >= 4 tiles; at most 64 (the combine's width)."""
+    tiles = max(1, -(-slots // block_n))
     return max(1, min(math.ceil(target_programs / max(bh, 1)), math.ceil(tiles / 4), 64))
+
+
+def default_launch(head_dim: int, bits: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) when the caller names none: 64-slot tiles (int8: 64 x 128 x 1 B per K tile, 8 KB) on
+    4 warps; 8 warps for head_dim 256. Untuned: bench_kv's kernel rows sweep BLOCK_N x warps."""
+    if interpreting():  # the interpreter's cost is per operation, not per element: few large tiles
+        return 256, 4
+    return 64, (8 if head_dim >= 256 else 4)
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor:
@@ -192,18 +319,17 @@ def _words(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: float, bits: int, group: int,
-            out: torch.Tensor, block_n: int | None, splits: int | None, num_warps: int) -> None:
+            out: torch.Tensor, block_n: int | None, splits: int | None, num_warps: int | None) -> None:
     b, hq, qn, d = query.shape
     h, c, w = kc.shape[1], kc.shape[2], rk.shape[2]
     g = hq // h
     r = g * qn
-    block_r = max(16, triton.next_power_of_2(r))
-    if block_n is None:  # the interpreter's cost is per operation, not per element: few large tiles
-        block_n = 256 if interpreting() else 64 if d <= 64 else 32
-    tiles = triton.cdiv(c, block_n)
-    splits = splits or choose_splits(b * h, tiles)
-    per = triton.cdiv(tiles, min(splits, tiles))
-    splits = triton.cdiv(tiles, per)
+    block_r = max(16, triton.next_power_of_2(r))  # tl.dot's minimum M; the padding rows cost only tensor-core time
+    bn, nw = default_launch(d, bits)
+    block_n, num_warps = block_n or bn, num_warps or nw
+    splits = splits or choose_splits(b * h, c, block_n)
+    per = triton.cdiv(triton.cdiv(c, block_n), min(splits, triton.cdiv(c, block_n))) * block_n  # slots per split
+    splits = triton.cdiv(c, per)
     query = query if query.stride(-1) == 1 else query.contiguous()
     kw, vw = _words(kc), _words(vc)
     if vw.stride() != kw.stride():
@@ -231,7 +357,8 @@ def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: f
         rk.stride(0), rk.stride(1), rk.stride(2), s_mb, s_mq, m.stride(3), out.stride(0), out.stride(1),
         out.stride(2), h, g, qn, c, w, per, splits, float(scale), float(floor),
         BITS=bits, GROUP=group, D=d, BLOCK_R=block_r, BLOCK_N=block_n, ADDITIVE=additive,
-        IEEE=query.dtype == torch.float32, DIRECT=direct, num_warps=num_warps)
+        IEEE=query.dtype == torch.float32, DIRECT=direct, ONE_TOKEN=qn == 1,
+        DOT_F32=query.dtype == torch.float32 or interpreting(), num_warps=num_warps)
     if not direct:
         _kvq_combine_kernel[(b * h * r,)](mo, lo, ao, out, out.stride(0), out.stride(1), out.stride(2), h, g, qn,
                                           splits, D=d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
@@ -240,11 +367,11 @@ def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: f
 def kvquant_decode_attention_triton(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: float,
                                     bits: int, group: int, block_n: int | None = None,
                                     splits: int | None = None, out: torch.Tensor | None = None,
-                                    num_warps: int = 4) -> torch.Tensor:
-    """The kernels (no fallback); `block_n` (slots per tile, a power of two >= 16) and `splits` (programs per row and
-    KV head) default to the launch heuristic, the tests pin them to walk several tiles and splits (and pass a
-    NaN-filled `out` [B, Q, Hq, D] to see that every element is written); bench_kv's kernel rows vary them and
-    `num_warps`. Defaults are untuned guesses (kernels/NOTES.md, "kvquant decode attention")."""
+                                    num_warps: int | None = None) -> torch.Tensor:
+    """The kernels (no fallback); `block_n` (slots per tile, a power of two >= 16), `splits` (programs per row and
+    KV head) and `num_warps` default to `default_launch` / `choose_splits`; the tests pin them to walk several
+    tiles and splits (and pass a NaN-filled `out` [B, Q, Hq, D] to see that every element is written); bench_kv's
+    kernel rows vary them. Defaults are untuned guesses (kernels/NOTES.md, "kvquant decode attention")."""
     b, hq, qn, d = query.shape
     if out is None:
         out = torch.empty(b, qn, hq, d, dtype=query.dtype, device=query.device)
