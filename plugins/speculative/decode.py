@@ -184,8 +184,7 @@ def accept_path(draws: torch.Tensor, nodes: torch.Tensor, tree: Tree):
     b = draws.shape[0]
     ok = nodes == draws[:, tree.parent.clamp_min(0)]
     ok[:, 0] = True
-    for level in tree.levels:  # parents come before children
-        ok[:, level] &= ok[:, tree.parent[level]]
+    ok = ~(tree.visible & ~ok[:, None, :]).any(-1)  # every node on the way from the root matches (few kernels)
     accepted = torch.where(ok, tree.depth, -1).max(1).values  # depth of the deepest accepted node
     deepest = ok & (tree.depth == accepted[:, None])
     last = deepest.long().argmax(1)  # the first one if siblings hold equal tokens

@@ -19,7 +19,7 @@ shared speculative loop (decode.py: per-row slots, verification, EOS and budgets
 Greedy output is token-identical to the target alone; sampled output has the target's distribution (candidates are
 deterministic top-k tokens, so drawing from p at each node and following a matching child is exact rejection
 sampling). Any batch size, left-padded rows of different lengths, each accepting its own path. The first round of a
-call is the root alone (no hidden state yet), i.e. one plain decode step.
+call has no hidden state yet: its candidates are placeholders (the same tree; usually only the root's draw is kept).
 With `fast` applied too (`accel="fast+medusa(heads=...)"`), steps 2-3 run on the fast runtime's per-row session
 (`Session.forward(tree=...)` returns the hidden states the heads read; `Session.move` compacts the accepted path):
 on the GPU one CUDA graph per tree and one per path length (backends.py).
@@ -258,12 +258,13 @@ class MedusaDrafter:
     def __init__(self, heads: MedusaHeads, tree: MedusaTree, lm_head, dtype, device):
         self.heads, self.tree, self.lm_head, self.dtype = heads, tree, lm_head, dtype
         self.max_rank = int(tree.rank.max()) + 1
-        self.root_only = Tree.from_parents([-1], device)
         self.hidden: torch.Tensor | None = None  # [B, H]
 
     def propose(self, batch, k: int) -> Proposal:
-        if self.hidden is None:  # the call's first round: no hidden state yet, so the root alone
-            return Proposal(batch.seq.new_zeros(batch.seq.shape[0], 0), tree=self.root_only)
+        if self.hidden is None:  # the call's first round: no hidden state yet. Placeholder candidates in the same
+            # tree (any deterministic candidates are exact; token id = rank keeps siblings distinct, which sampling
+            # needs): one tree shape per call, i.e. one graph and compile on the runtime, not a root-only one too
+            return Proposal(self.tree.rank[None].expand(batch.seq.shape[0], -1).contiguous(), tree=self.tree)
         logits = self._head_logits(self.hidden.to(self.dtype))  # [K, B, V]
         top = logits.topk(self.max_rank, dim=-1).indices  # [K, B, R]
         nodes = top[self.tree.head, :, self.tree.rank]  # [N-1, B]
