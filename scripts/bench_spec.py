@@ -25,7 +25,8 @@ Writes benchmarks/results/bench_spec.json: raw rows plus a `summary`.
    what ran). Rows and summary give speedups against transformers and against `fast`
    (`<method>_bs<b>_speedup_vs_fast`, `best_speedup_vs_fast_bs<b>`). `--methods a,b,...` times only the named
    rows (any of transformers, hf_assisted, hf_prompt_lookup, the plugin names above, `medusa` (eager, only when
-   named), fast, fast+...); transformers' output is still computed once as the reference.
+   named), fast, fast+...), the fast ones per batch in the order given; transformers' output is still computed
+   once as the reference.
    `identical_rows` says how many rows equal transformers' output (bf16 verify of k+1 tokens may round differently
    from one-token decoding, so a rare late divergence is numerics, not a bug; the fp32 CPU tests are exact).
 3. The 8B shape (Llama-3-8B config, random bf16 weights, 1024-token context): milliseconds of one decode step vs
@@ -503,12 +504,10 @@ def main(argv=None) -> None:
         rows += rows_8b
         write("8b_shape")
     if importlib.util.find_spec("hf_accel.runtime") is not None:  # CPU (--smoke): eager, no compile, no graphs
-        fast_methods = {"fast": "fast", **{name: spec.format(**paths) for name, spec in FAST_METHODS.items()
-                                           if name in args.methods}}
+        specs = {"fast": "fast", **FAST_METHODS}  # run in --methods' order (a run cut short keeps the first ones)
+        fast_methods = {name: specs[name].format(**paths) for name in args.methods if name in specs}
         for batch, run in runs.items():
             for name, spec in fast_methods.items():
-                if name not in args.methods:
-                    continue
                 spent = time.time() - started
                 if args.device == "cuda" and spent > args.budget_s:  # each compiles and captures per batch bucket
                     skipped.append(f"{name} bs{batch}: {spent:.0f} s spent, over --budget-s {args.budget_s}")
