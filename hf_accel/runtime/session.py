@@ -605,7 +605,7 @@ class Session:
 
         self.cache.set_slots(slots)
         if rt.use_compile and self.batch > 1 and key not in self.graphs:  # symbolic batch, as the decode step's
-            for t in (tok, pos, slots) if self.per_row else (tok, pos):
+            for t in (tok, pos, slots, next_slot) if self.per_row else (tok, pos):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         if key not in self.graphs and rt.use_graphs:
             saved = next_slot.clone(), st.positions.clone()
