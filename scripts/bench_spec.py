@@ -64,6 +64,9 @@ EXTRA_METHODS = {  # timed only when named in --methods
 }
 FAST_METHODS = {  # the same loop on the fast runtime's sessions (plugins/speculative/backends.py)
     "fast+draft": "fast+draft(draft='{draft}', k=4)",
+    # the 2026-12-01 H200 run accepted 3.96 of k=4 drafts per round at batch 1: the draft length, not the draft, capped it
+    "fast+draft_k8": "fast+draft(draft='{draft}', k=8)",
+    "fast+draft_adaptive": "fast+draft(draft='{draft}', k=12, adaptive=True)",
     "fast+selfdraft": "fast+selfdraft(k=4)",
     "fast+lookup": "fast+lookup(k=8)",
     "fast+recycle": "fast+recycle(k=4)",
