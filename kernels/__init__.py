@@ -5,6 +5,8 @@ Quantized linears (weight-only; activations bf16/fp16):
 - `int4.py` int4 group-wise asymmetric (group 32/64/128): op `hf_accel::int4_linear`
 - `fp4.py`  MXFP4 / NVFP4 block-scale storage (e2m1 codes), decoded in the kernel: op `hf_accel::fp4_linear`
 - `fp8_act.py` fp8 W8A8: per-token dynamic activation scales + `torch._scaled_mm` (prefill), op `hf_accel::fp8_w8a8_linear`
+- `sparse24.py` 2:4-sparse weights in compressed storage (values + 2-bit positions) for <= 32 rows: op
+  `hf_accel::sparse24_linear` (the prune plugin's decode path; larger inputs use torch's semi-structured tensors)
 Decode attention: `decode_attention.py` (quest's selected pages of a bf16 cache) and `kvquant_attention.py`
 (kvquant's int8/int4/int2 codes + full-precision ring read in place, op `hf_accel::kvquant_decode_attention`).
 Each op runs the Triton kernels on CUDA and the plain-torch reference elsewhere (`_base.py` says which kernel
