@@ -81,22 +81,23 @@ if HAS_TRITON:
         return c
 
     @triton.jit
-    def _load_codes(C_ptr, S_ptr, Z_ptr, offs_n, load, s_cn, s_sn,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr):
+    def _load_codes(C_ptr, S_ptr, Z_ptr, offs_n, load, BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr):
         """The raw words and scales / minima of slots offs_n [N] (0 where not `load`): words as [N, A, BW] int32 with
         A = D / GROUP groups of BW words each (A = words per row, BW = 1, when a group is smaller than a word),
         scale and minimum [N, D / GROUP] in the storage dtype. One vector load per thread and row of words, one
-        element per group for the scales: exactly the bytes of the slots that some row attends to."""
+        element per group for the scales: exactly the bytes of the slots that some row attends to. Rows are
+        contiguous (`_launch` makes them so): the row strides are constants, so the vector width never depends on
+        a run-time stride being specialised as a multiple of 16 (int2 rows of head_dim 128 are 8 words)."""
         NW: tl.constexpr = D * BITS // 32
         NG: tl.constexpr = D // GROUP
         A: tl.constexpr = NG if GROUP * BITS >= 32 else NW
         BW: tl.constexpr = NW // A
         offs_a = tl.arange(0, A)
         offs_w = tl.arange(0, BW)
-        w = tl.load(C_ptr + offs_n[:, None, None] * s_cn + offs_a[None, :, None] * BW + offs_w[None, None, :],
+        w = tl.load(C_ptr + offs_n[:, None, None] * NW + offs_a[None, :, None] * BW + offs_w[None, None, :],
                     mask=load[:, None, None], other=0)
         offs_g = tl.arange(0, NG)
-        sz = offs_n[:, None] * s_sn + offs_g[None, :]
+        sz = offs_n[:, None] * NG + offs_g[None, :]
         s = tl.load(S_ptr + sz, mask=load[:, None], other=0.0)
         z = tl.load(Z_ptr + sz, mask=load[:, None], other=0.0)
         return w, s, z
@@ -129,7 +130,7 @@ if HAS_TRITON:
         if ADDITIVE:
             bias = mk.to(tl.float32)
             valid = sees & (bias > mask_floor)
-            bias = bias * 1.4426950408889634
+            bias = tl.where(valid, bias, 0.0) * 1.4426950408889634  # (the dtype's minimum times log2(e) overflows)
         else:
             valid = sees & (mk != 0)
             bias = tl.zeros(valid.shape, tl.float32)
@@ -139,8 +140,10 @@ if HAS_TRITON:
     def _seen(valid, ONE_TOKEN: tl.constexpr):
         """[N]: slots some row attends to (the ones whose codes are loaded)."""
         if ONE_TOKEN:
-            return valid
-        return tl.max(valid.to(tl.int32), 0) > 0
+            seen = valid
+        else:
+            seen = tl.max(valid.to(tl.int32), 0) > 0
+        return seen
 
     @triton.jit
     def _mm(a, b, IEEE: tl.constexpr):
@@ -148,8 +151,10 @@ if HAS_TRITON:
         models. Under TRITON_INTERPRET=1 the operands stay float32 (DOT_F32): the interpreter's tl.dot multiplies
         bf16 operands as their raw bits and its float32 -> bf16 cast truncates (triton 3.9)."""
         if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
-        return tl.dot(a, b)
+            c = tl.dot(a, b, input_precision="ieee")
+        else:
+            c = tl.dot(a, b)
+        return c
 
     @triton.jit
     def _online(s, valid, bias, v, m, l, acc, ADDITIVE: tl.constexpr, ONE_TOKEN: tl.constexpr, IEEE: tl.constexpr):
@@ -174,8 +179,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _kvq_decode_kernel(Q, KC, KS, KZ, VC, VS, VZ, CH, RK, RV, QL, MASK, Mo, Lo, Ao, Out,
-                           s_qb, s_qh, s_qt, s_cb, s_ch, s_cn, s_sb, s_sh, s_sn, s_chb, s_chh,
-                           s_rb, s_rh, s_rn, s_mb, s_mq, s_mn, s_ob, s_ot, s_oh,
+                           s_qb, s_qh, s_qt, s_cb, s_ch, s_sb, s_sh, s_chb, s_chh,
+                           s_rb, s_rh, s_mb, s_mq, s_mn, s_ob, s_ot, s_oh,
                            H, G, QN, C, W, SLOTS_PER_SPLIT, SPLITS, scale, mask_floor,
                            BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_N: tl.constexpr, ADDITIVE: tl.constexpr, IEEE: tl.constexpr,
@@ -208,29 +213,21 @@ if HAS_TRITON:
         start = split * SLOTS_PER_SPLIT
         stop = tl.minimum(start + SLOTS_PER_SPLIT, C)
 
-        # slots [start, min(stop, qlen)): the codes. The loads of tile i + 1 (and the mask of tile i + 2) are issued
-        # before tile i is computed, so a program always has a tile of bytes in flight while it computes.
+        # slots [start, min(stop, qlen)): the codes. No manual prefetch: Triton's software pipeliner (num_stages)
+        # turns the mask, word and scale loads into cp.async copies into shared memory several tiles ahead, which
+        # keeps bytes in flight without holding them in registers (an explicit one-tile register prefetch compiled
+        # to 255 registers at BLOCK_N 64 / 4 warps; this loop to 168, and 128 at BLOCK_N 32; sm_90a, triton 3.9).
         hi = tl.minimum(stop, ql)
-        valid, bias = _load_mask(mbase, s_mq, s_mn, t, rmask, start + offs_b, start, hi, mask_floor,
-                                 ADDITIVE, ONE_TOKEN)
-        load = _seen(valid, ONE_TOKEN)
-        kw, ksc, kzr = _load_codes(kc, ks, kz, start + offs_b, load, s_cn, s_sn, BITS, GROUP, D)
-        vw, vsc, vzr = _load_codes(vc, vs, vz, start + offs_b, load, s_cn, s_sn, BITS, GROUP, D)
-        valid1, bias1 = _load_mask(mbase, s_mq, s_mn, t, rmask, start + BLOCK_N + offs_b, start, hi,
-                                   mask_floor, ADDITIVE, ONE_TOKEN)
         for n0 in range(start, hi, BLOCK_N):
-            nxt = n0 + BLOCK_N + offs_b
-            load1 = _seen(valid1, ONE_TOKEN)
-            kw1, ksc1, kzr1 = _load_codes(kc, ks, kz, nxt, load1, s_cn, s_sn, BITS, GROUP, D)
-            vw1, vsc1, vzr1 = _load_codes(vc, vs, vz, nxt, load1, s_cn, s_sn, BITS, GROUP, D)
-            valid2, bias2 = _load_mask(mbase, s_mq, s_mn, t, rmask, nxt + BLOCK_N, start, hi, mask_floor,
-                                       ADDITIVE, ONE_TOKEN)
+            offs_n = n0 + offs_b
+            valid, bias = _load_mask(mbase, s_mq, s_mn, t, rmask, offs_n, start, hi, mask_floor, ADDITIVE, ONE_TOKEN)
+            load = _seen(valid, ONE_TOKEN)
+            kw, ksc, kzr = _load_codes(kc, ks, kz, offs_n, load, BITS, GROUP, D)
+            vw, vsc, vzr = _load_codes(vc, vs, vz, offs_n, load, BITS, GROUP, D)
             k = _dequant(kw, ksc, kzr, BLOCK_N, BITS, GROUP, D).to(dot_dtype)
             s = _mm(qc, tl.trans(k), IEEE)  # [BLOCK_R, BLOCK_N], base-2 logits
             v = _dequant(vw, vsc, vzr, BLOCK_N, BITS, GROUP, D).to(dot_dtype)
             m, l, acc = _online(s, valid, bias, v, m, l, acc, ADDITIVE, ONE_TOKEN, IEEE)
-            kw, ksc, kzr, vw, vsc, vzr = kw1, ksc1, kzr1, vw1, vsc1, vzr1
-            valid, bias, valid1, bias1 = valid1, bias1, valid2, bias2
 
         # slots [max(start, qlen), stop): the full-precision ring, slot j at ring row j % W (at most W slots in all)
         qr = q.to(dot_dtype)
@@ -241,7 +238,7 @@ if HAS_TRITON:
             rvalid, rbias = _load_mask(mbase, s_mq, s_mn, t, rmask, offs_rn, lo, stop, mask_floor,
                                        ADDITIVE, ONE_TOKEN)
             rload = _seen(rvalid, ONE_TOKEN)
-            ring_off = (offs_rn % W)[:, None] * s_rn + offs_d[None, :]
+            ring_off = (offs_rn % W)[:, None] * D + offs_d[None, :]
             rkt = tl.load(rk + ring_off, mask=rload[:, None], other=0.0).to(dot_dtype)
             rs = _mm(qr, tl.trans(rkt), IEEE)
             rvt = tl.load(rv + ring_off, mask=rload[:, None], other=0.0).to(dot_dtype)
@@ -297,18 +294,22 @@ SMS = 132  # H100 / H200
 
 
 def choose_splits(bh: int, slots: int, block_n: int, target_programs: int = 4 * SMS) -> int:
-    """Programs per (row, KV head): ~4 per SM, so that each SM has four programs' tiles in flight (each program keeps
-    one tile of loads ahead of its compute), each program with >= 4 tiles; at most 64 (the combine's width)."""
+    """Programs per (row, KV head): about 4 per SM in one wave (4 programs of 128 registers x 4 warps fit an SM,
+    each with two tiles of cp.async copies in flight), each program with >= 4 tiles; at most 64 (the combine's
+    width). Rounded down, so that the grid does not spill a small second wave (the old ceil gave 320 programs for
+    264 resident at batch 8)."""
     tiles = max(1, -(-slots // block_n))
-    return max(1, min(math.ceil(target_programs / max(bh, 1)), math.ceil(tiles / 4), 64))
+    return max(1, min(target_programs // max(bh, 1), math.ceil(tiles / 4), 64))
 
 
 def default_launch(head_dim: int, bits: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) when the caller names none: 64-slot tiles (int8: 64 x 128 x 1 B per K tile, 8 KB) on
-    4 warps; 8 warps for head_dim 256. Untuned: bench_kv's kernel rows sweep BLOCK_N x warps."""
+    """(BLOCK_N, num_warps) when the caller names none: 32-slot tiles on 4 warps (sm_90a, triton 3.9: 128
+    registers and ~38 KB of shared memory at head_dim 128, so 4 programs per SM, each with 2 tiles of cp.async
+    copies in flight); 64-slot tiles on 8 warps (117 registers) is the other candidate. 8 warps for head_dim 256.
+    Untuned: bench_kv's kernel rows sweep BLOCK_N x warps."""
     if interpreting():  # the interpreter's cost is per operation, not per element: few large tiles
         return 256, 4
-    return 64, (8 if head_dim >= 256 else 4)
+    return 32, (8 if head_dim >= 256 else 4)
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor:
@@ -319,7 +320,8 @@ def _words(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: float, bits: int, group: int,
-            out: torch.Tensor, block_n: int | None, splits: int | None, num_warps: int | None) -> None:
+            out: torch.Tensor, block_n: int | None, splits: int | None, num_warps: int | None,
+            num_stages: int) -> None:
     b, hq, qn, d = query.shape
     h, c, w = kc.shape[1], kc.shape[2], rk.shape[2]
     g = hq // h
@@ -332,12 +334,13 @@ def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: f
     splits = triton.cdiv(c, per)
     query = query if query.stride(-1) == 1 else query.contiguous()
     kw, vw = _words(kc), _words(vc)
-    if vw.stride() != kw.stride():
+    nw_row, ng = d * bits // 32, d // group  # rows of words / scales / ring are contiguous (constant strides)
+    if kw.stride(2) != nw_row or vw.stride() != kw.stride():
         kw, vw = kw.contiguous(), vw.contiguous()
-    ks, kz, vs, vz = (x if x.stride(-1) == 1 else x.contiguous() for x in (ks, kz, vs, vz))
+    ks, kz, vs, vz = (x if x.stride(-1) == 1 and x.stride(-2) == ng else x.contiguous() for x in (ks, kz, vs, vz))
     if not (ks.stride() == kz.stride() == vs.stride() == vz.stride()):
         ks, kz, vs, vz = (x.contiguous() for x in (ks, kz, vs, vz))
-    if rk.stride(-1) != 1 or rv.stride() != rk.stride():
+    if rk.stride(-1) != 1 or rk.stride(-2) != d or rv.stride() != rk.stride():
         rk, rv = rk.contiguous(), rv.contiguous()
     channel = channel if channel.stride(-1) == 1 else channel.contiguous()
     additive = mask.dtype != torch.bool
@@ -352,13 +355,13 @@ def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: f
     ao = torch.empty(parts * (1 if direct else d), dtype=torch.float32, device=query.device)
     _kvq_decode_kernel[(b * h, splits)](
         query, kw, ks, kz, vw, vs, vz, channel, rk, rv, qlen, m, mo, lo, ao, out,
-        query.stride(0), query.stride(1), query.stride(2), kw.stride(0), kw.stride(1), kw.stride(2),
-        ks.stride(0), ks.stride(1), ks.stride(2), channel.stride(0), channel.stride(1),
-        rk.stride(0), rk.stride(1), rk.stride(2), s_mb, s_mq, m.stride(3), out.stride(0), out.stride(1),
+        query.stride(0), query.stride(1), query.stride(2), kw.stride(0), kw.stride(1),
+        ks.stride(0), ks.stride(1), channel.stride(0), channel.stride(1), rk.stride(0), rk.stride(1), s_mb, s_mq, m.stride(3), out.stride(0), out.stride(1),
         out.stride(2), h, g, qn, c, w, per, splits, float(scale), float(floor),
         BITS=bits, GROUP=group, D=d, BLOCK_R=block_r, BLOCK_N=block_n, ADDITIVE=additive,
         IEEE=query.dtype == torch.float32, DIRECT=direct, ONE_TOKEN=qn == 1,
-        DOT_F32=query.dtype == torch.float32 or interpreting(), num_warps=num_warps)
+        DOT_F32=query.dtype == torch.float32 or interpreting(), num_warps=num_warps,
+        num_stages=num_stages)
     if not direct:
         _kvq_combine_kernel[(b * h * r,)](mo, lo, ao, out, out.stride(0), out.stride(1), out.stride(2), h, g, qn,
                                           splits, D=d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
@@ -367,9 +370,10 @@ def _launch(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: f
 def kvquant_decode_attention_triton(query, kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask, scale: float,
                                     bits: int, group: int, block_n: int | None = None,
                                     splits: int | None = None, out: torch.Tensor | None = None,
-                                    num_warps: int | None = None) -> torch.Tensor:
+                                    num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
     """The kernels (no fallback); `block_n` (slots per tile, a power of two >= 16), `splits` (programs per row and
-    KV head) and `num_warps` default to `default_launch` / `choose_splits`; the tests pin them to walk several
+    KV head) and `num_warps` default to `default_launch` / `choose_splits`, `num_stages` is the depth of Triton's
+    load pipeline (cp.async copies of tiles ahead); the tests pin them to walk several
     tiles and splits (and pass a NaN-filled `out` [B, Q, Hq, D] to see that every element is written); bench_kv's
     kernel rows vary them. Defaults are untuned guesses (kernels/NOTES.md, "kvquant decode attention")."""
     b, hq, qn, d = query.shape
@@ -380,7 +384,7 @@ def kvquant_decode_attention_triton(query, kc, ks, kz, vc, vs, vz, channel, rk, 
     for t0 in range(0, qn, step):
         t1 = min(qn, t0 + step)
         _launch(query[:, :, t0:t1], kc, ks, kz, vc, vs, vz, channel, rk, rv, qlen, mask[:, :, t0:t1], scale, bits,
-                group, out[:, t0:t1], block_n, splits, num_warps)
+                group, out[:, t0:t1], block_n, splits, num_warps, num_stages)
     return out
 
 

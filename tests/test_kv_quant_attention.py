@@ -35,6 +35,20 @@ CASES = [  # B, kv heads, groups, Q tokens, head_dim, capacity, bits, dtype, pro
 ]
 TOL = {"float32": 2e-5, "bfloat16": 3e-2}
 GROUP, RING = 16, 48
+# the kernel's other code paths: (case, group, ring, launch of the bool-mask run). Groups with fewer than 32 bits
+# (int8 g2, int4 g4, int2 g8: several groups per int32 word), a group of the whole head (g = D), a group of several
+# words (int2 g32 at d=64), the 8B head shape (d=128, 4 query heads per KV head) in bf16 with 64-slot tiles,
+# capacities that are not a multiple of the tile, a ring of 26 slots whose live rows wrap around it, split
+# boundaries inside the ring, 16-slot tiles (several ring tiles), one split (the output written directly).
+EXTRA = [
+    ((3, 2, 2, 1, 16, 77, 8, "float32", [30, 12, 50], 60), 2, 26, dict(block_n=16, splits=3)),
+    ((3, 2, 2, 3, 32, 101, 4, "float32", [40, 9, 70], 80), 4, 48, dict(block_n=16, splits=2)),
+    ((2, 2, 2, 1, 32, 150, 2, "float32", [100, 33], 140), 8, 26, dict(block_n=32, splits=4)),
+    ((2, 2, 2, 1, 64, 130, 4, "float32", [90, 61], 120), 64, 48, dict(block_n=16, splits=1)),
+    ((2, 2, 2, 1, 64, 90, 2, "float32", [70, 5], 80), 32, 48, dict(block_n=32, splits=2)),
+    ((2, 2, 4, 1, 128, 200, 4, "bfloat16", [150, 100], 170), 32, 48, dict(block_n=64, splits=2)),
+    ((2, 2, 4, 3, 128, 200, 8, "bfloat16", [150, 100], 170), 32, 48, dict(block_n=64, splits=3)),
+]
 
 
 def case_id(case) -> str:
@@ -42,7 +56,7 @@ def case_id(case) -> str:
     return f"b{b}-h{h}x{g}-q{q}-d{d}-c{c}-int{bits}-{dtype}"
 
 
-def make_case(case, seed: int = 0):
+def make_case(case, seed: int = 0, group: int = GROUP, ring: int = RING):
     """(clean arguments, garbage arguments, bool mask, additive mask): kvquant's layout written by the plugin's own
     `quantize`, with the runtime's decode mask; the garbage copy differs only where nothing may be read."""
     from hf_accel.plugins.kv_cache._layers import quantize
@@ -62,14 +76,14 @@ def make_case(case, seed: int = 0):
     k[..., 3] *= 12  # an outlier channel, as keys have
     v = torch.randn(b, h, c, d, generator=gen)
     channel = k.abs().amax(2, keepdim=True).clamp(min=1e-4).to(dt)
-    kc, ks, kz = quantize(k.to(dt) / channel, bits, GROUP)
-    vc, vs, vz = quantize(v.to(dt), bits, GROUP)
+    kc, ks, kz = quantize(k.to(dt) / channel, bits, group)
+    vc, vs, vz = quantize(v.to(dt), bits, group)
     qlen = pos - 25  # slots [qlen, pos + Q) read the ring
-    rk = torch.zeros(b, h, RING, d, dtype=dt)
+    rk = torch.zeros(b, h, ring, d, dtype=dt)
     rv = torch.zeros_like(rk)
     live = torch.arange(qlen, pos + qn)
-    rk[:, :, live % RING] = k[:, :, live].to(dt)
-    rv[:, :, live % RING] = v[:, :, live].to(dt)
+    rk[:, :, live % ring] = k[:, :, live].to(dt)
+    rv[:, :, live % ring] = v[:, :, live].to(dt)
     query = torch.randn(b, h * g, qn, d, generator=gen).to(dt)
     clean = [query, kc, ks, kz, vc, vs, vz, channel, rk, rv, torch.tensor([qlen])]
     dirty = [x.clone() for x in clean]
@@ -80,35 +94,44 @@ def make_case(case, seed: int = 0):
         x[:, :, qlen:] = math.nan  # slots read from the ring: their codes' scales must not be touched
     for x in (kc2, vc2):
         x.masked_fill_(~seen[:, None, :, None], 255)
-    dead = torch.ones(RING, dtype=torch.bool)
-    dead[live % RING] = False
+    dead = torch.ones(ring, dtype=torch.bool)
+    dead[live % ring] = False
     for x in (rk2, rv2):
         x[:, :, dead] = math.nan  # ring rows of quantized slots
     return clean, dirty, bool_mask, add_mask
 
 
+def extra_id(extra) -> str:
+    case, group, ring, _ = extra
+    return f"{case_id(case)}-g{group}-w{ring}"
+
+
 def run_cases() -> dict:
     """Every case: kernel (forced tiles and splits, and the default launch) vs the reference, bool and additive masks."""
-    from hf_accel.kernels.kvquant_attention import kvquant_decode_attention_ref, kvquant_decode_attention_triton
+    from hf_accel.kernels.kvquant_attention import (kernel_supported, kvquant_decode_attention_ref,
+                                                    kvquant_decode_attention_triton)
 
     results = {}
-    for case in CASES:
-        clean, dirty, bool_mask, add_mask = make_case(case)
+    runs = [(case_id(c), c, GROUP, RING, dict(block_n=32, splits=3)) for c in CASES]
+    runs += [(extra_id(e), *e) for e in EXTRA]
+    for key, case, group, ring, forced in runs:
+        clean, dirty, bool_mask, add_mask = make_case(case, group=group, ring=ring)
         bits, scale = case[6], case[4] ** -0.5
-        ref = kvquant_decode_attention_ref(*clean, bool_mask, scale, bits, GROUP).float()
-        ref_dirty = kvquant_decode_attention_ref(*dirty, bool_mask, scale, bits, GROUP).float()
-        row = {"ref_ignores_garbage": float((ref_dirty - ref).abs().max()), "errs": [], "nonfinite": 0}
+        ref = kvquant_decode_attention_ref(*clean, bool_mask, scale, bits, group).float()
+        ref_dirty = kvquant_decode_attention_ref(*dirty, bool_mask, scale, bits, group).float()
+        row = {"ref_ignores_garbage": float((ref_dirty - ref).abs().max()), "errs": [], "nonfinite": 0,
+               "supported": kernel_supported(case[4], bits, group)}
         q = clean[0]
         # bool mask over several tiles and splits (partials + combine kernel); the runtime's additive mask with the
         # default launch (one split under the interpreter: the output written by the main kernel)
-        for mask, launch in ((bool_mask, dict(block_n=32, splits=3)), (add_mask, {})):
+        for mask, launch in ((bool_mask, forced), (add_mask, {})):
             out = torch.full((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), math.nan, dtype=q.dtype)
-            got = kvquant_decode_attention_triton(*dirty, mask, scale, bits, GROUP, out=out, **launch)
+            got = kvquant_decode_attention_triton(*dirty, mask, scale, bits, group, out=out, **launch)
             row["nonfinite"] += int((~torch.isfinite(got)).sum())
             row["errs"].append(float((got.float() - ref).abs().max()))
             row["dtype_ok"] = got.dtype == q.dtype and got.data_ptr() == out.data_ptr()
         row["ref_scale"] = float(ref.abs().max())
-        results[case_id(case)] = row
+        results[key] = row
     return results
 
 
@@ -178,6 +201,15 @@ def test_interpreted_kernel_matches_reference_and_skips_masked_slots(interpreted
     got = interpreted["cases"][case_id(case)]
     assert got["nonfinite"] == 0, got  # NaN everywhere nothing may be read, NaN in `out` before the launch
     assert got["ref_ignores_garbage"] == 0.0, got
+    assert len(got["errs"]) == 2 and max(got["errs"]) < TOL[case[7]], got
+    assert got["dtype_ok"] and got["ref_scale"] > 0.1, got
+
+
+@pytest.mark.parametrize("extra", EXTRA, ids=extra_id)
+def test_interpreted_kernel_other_groups_rings_and_tiles(interpreted, extra):
+    got = interpreted["cases"][extra_id(extra)]
+    case = extra[0]
+    assert got["supported"] and got["nonfinite"] == 0 and got["ref_ignores_garbage"] == 0.0, got
     assert len(got["errs"]) == 2 and max(got["errs"]) < TOL[case[7]], got
     assert got["dtype_ok"] and got["ref_scale"] > 0.1, got
 
