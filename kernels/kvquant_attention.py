@@ -21,15 +21,21 @@ Layout (what `plugins/kv_cache/_fast.py` stores; B rows, H KV heads, C slots, D 
 
 Output [B, Q, Hq, D] in the query's dtype (the layout attention modules reshape to [B, Q, Hq * D]).
 
-The kernel: grid (B * H, SPLITS). A program folds the G * Q query rows of one KV head into one tile, walks a
-contiguous range of BLOCK_N-slot tiles and keeps an online softmax in float32; slots that no row of the tile may
-see are never loaded (masked loads), and scores are masked with `where`, so garbage in masked slots (unwritten, or
-padding) cannot reach the result. Codes are loaded as int32 words (vector loads) and unpacked with shifts; a code
-becomes a float through the exponent trick (code | 0x4B000000 is 2^23 + code), not the conversion unit. A second
-kernel merges the splits' (max, sum, acc) partials and writes the output. The grid and split count depend only on
-shapes, nothing asks the device for a value: the op captures into a CUDA graph and is opaque to torch.compile
+The kernel: grid (B * H, SPLITS). A program folds the G * Q query rows of one KV head into one tile (padded to 16
+rows for tl.dot), walks a contiguous slot range in BLOCK_N-slot tiles with an online softmax in float32 (base 2:
+the softmax scale, log2(e) and the keys' channel scale are folded into q once), first the slots below `qlen` from
+the codes, then the slots from `qlen` on from the ring, each in a loop of its own. Codes are loaded as
+[BLOCK_N, groups, words] int32 tiles (vector loads of exactly the slots some row attends to), unpacked with shifts
+and put in channel order with `tl.interleave`; a code becomes a float through the exponent trick
+(code | 0x4B000000 is 2^23 + code), then one FMA with its group's scale and minimum. Both dots take operands in the
+model dtype (bf16/fp16 tensor cores, float32 accumulation; float32 models exact). Triton's pipeliner stages the
+tile loads as asynchronous copies ahead of the compute. Masked slots are never loaded and every selection uses
+`where`, so garbage in masked slots (unwritten, or padding) cannot reach the result. A second kernel merges the
+splits' (max, sum, acc) partials and writes the output. The grid and split count depend only on shapes, nothing
+asks the device for a value: the op captures into a CUDA graph and is opaque to torch.compile
 (`torch.library.custom_op` with a shape-only fake). Off CUDA (and without TRITON_INTERPRET=1) the op runs
-`kvquant_decode_attention_ref`: dequantise, then attention in float32.
+`kvquant_decode_attention_ref`: dequantise, then attention in float32. Design notes and the measured v1:
+kernels/NOTES.md, "kvquant decode attention".
 """
 
 from __future__ import annotations
