@@ -24,8 +24,8 @@ that later replaces a weight tensor (not `copy_` into it) must call `hf_accel.ru
    forward is capturable. It is compiled with the rest of the step, so a dequantisation written in plain torch
    (`F.linear(x, w.to(x.dtype)) * scale`) fuses into the batch-1 GEMV. Prefill runs the same forward eagerly.
 2. KV-cache policies: set the attribute `_hf_accel_kv_layer` on the model (through `patcher.set_attr`) to a
-   factory `(layer_idx, batch, capacity, kv_heads, head_dim, dtype, device) -> layer`, where a layer behaves like
-   `StaticKVLayer`: `update(k, v)` writes the prompt into rows `layer.prefill_rows`, slots [0, T) and returns
+   factory `(layer_idx, batch, capacity, kv_heads, head_dim, dtype, device) -> layer`, where a layer (a `RuntimeLayer`,
+   which answers transformers' cache queries) behaves like `StaticKVLayer`: `update(k, v)` writes the prompt into rows `layer.prefill_rows`, slots [0, T) and returns
    what attention should read for the prompt; in decode (`prefill_rows is None`) it writes the new K/V at the
    device tensor `layer.slots` and returns [batch, kv_heads, capacity, head_dim] tensors (e.g. dequantised views),
    or, only when the model's attention is "sdpa" (then served by `fast_sdpa`), one object as both keys and values
@@ -81,7 +81,7 @@ custom logits processors, output_scores, ...) runs transformers' own loop, with 
 from __future__ import annotations
 
 from .attention import FAST_SDPA, fast_sdpa
-from .cache import KVCache, KVPool, StaticKVLayer, Unsupported
+from .cache import KVCache, KVPool, RuntimeLayer, StaticKVLayer, Unsupported
 from .generate import fast_generate, wrap_generate
 from .sampling import SamplingPlan, plan_from_hf
 from .session import Runtime, Session, bucket_batch, bucket_capacity
@@ -101,6 +101,6 @@ def invalidate(model) -> None:
         runtime.release()
 
 
-__all__ = ["FAST_SDPA", "KVCache", "KVPool", "RUNTIME_ATTR", "Runtime", "SamplingPlan", "Session", "StaticKVLayer",
+__all__ = ["FAST_SDPA", "KVCache", "KVPool", "RUNTIME_ATTR", "Runtime", "RuntimeLayer", "SamplingPlan", "Session", "StaticKVLayer",
            "Unsupported", "bucket_batch", "bucket_capacity", "fast_generate", "fast_sdpa", "get_runtime",
            "invalidate", "plan_from_hf", "wrap_generate"]

@@ -32,11 +32,30 @@ class Unsupported(Exception):
         self.whole_model = whole_model
 
 
-class StaticKVLayer(CacheLayerMixin):
-    """K/V buffers of one layer. `mode`, `rows` and `slots` are set by the runtime before each forward."""
+class RuntimeLayer(CacheLayerMixin):
+    """What every layer the runtime serves (its own, kvquant's, the eviction plugins') answers the same way to
+    transformers: storage exists from the start, `capacity` slots, masks always given as 4-D tensors."""
 
     is_compileable = True
     is_sliding = False
+    capacity: int
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
+        return None
+
+    def get_seq_length(self, *args, **kwargs) -> int:  # only asked when position_ids are missing; we always pass them
+        return 0
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:  # masks are always given as 4-D tensors
+        return self.capacity, 0
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+
+class StaticKVLayer(RuntimeLayer):
+    """K/V buffers of one layer. `mode`, `rows` and `slots` are set by the runtime before each forward."""
+
     per_row_slots = True  # decode also takes slots [B, Q], one row each (a speculative session, `Runtime.start`)
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
@@ -47,9 +66,6 @@ class StaticKVLayer(CacheLayerMixin):
         self.prefill_rows: slice | None = None  # None: decode mode
         self.slots: torch.Tensor | None = None
         self.written = False  # set by prefill: proves the model routes its K/V through this cache
-
-    def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
-        return None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.prefill_rows is not None:
@@ -69,15 +85,6 @@ class StaticKVLayer(CacheLayerMixin):
             self.keys.index_copy_(2, self.slots, key_states)
             self.values.index_copy_(2, self.slots, value_states)
         return self.keys, self.values
-
-    def get_seq_length(self, *args, **kwargs) -> int:  # only asked when position_ids are missing; we always pass them
-        return 0
-
-    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:  # masks are always given as 4-D tensors
-        return self.capacity, 0
-
-    def get_max_length(self) -> int:
-        return self.capacity
 
 
 class KVCache(Cache):

@@ -50,10 +50,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from hf_accel.kernels.kvquant_attention import kernel_supported, kvquant_decode_attention
-from hf_accel.runtime import Unsupported
+from hf_accel.runtime import RuntimeLayer, Unsupported
 from hf_accel.runtime.attention import mask_kind
 
 from ._layers import FLUSH_EVERY, QUANT_CHUNK, dequantize, quantize
@@ -102,11 +101,8 @@ class QuantKV:
         return self.layer.dequantized(self.qlen)
 
 
-class QuantStaticLayer(CacheLayerMixin):
+class QuantStaticLayer(RuntimeLayer):
     """One decoder layer's quantized K/V for the fast runtime (`StaticKVLayer`'s interface)."""
-
-    is_compileable = True
-    is_sliding = False
 
     def __init__(self, t: dict[str, torch.Tensor], bits: int, group: int, residual: int, slot_ids: torch.Tensor,
                  ring_index: torch.Tensor, reads_codes: bool = False):
@@ -135,9 +131,6 @@ class QuantStaticLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in self.t.values())
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        return None
 
     def _codes(self, k: torch.Tensor, v: torch.Tensor, channel: torch.Tensor):
         bits, group = self.format()
@@ -208,15 +201,6 @@ class QuantStaticLayer(CacheLayerMixin):
         t["rk"][rows].index_copy_(2, ring_slots, k[:, :, n - m:])
         t["rv"][rows].index_copy_(2, ring_slots, v[:, :, n - m:])
         self.written = True
-
-    def get_seq_length(self, *args, **kwargs) -> int:  # the runtime always passes position ids
-        return 0
-
-    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:  # masks are always given as 4-D tensors
-        return self.capacity, 0
-
-    def get_max_length(self) -> int:
-        return self.capacity
 
 
 class QuantLayerFactory:

@@ -46,9 +46,8 @@ import math
 import weakref
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
-from hf_accel.runtime import Unsupported
+from hf_accel.runtime import RuntimeLayer, Unsupported
 
 from ._layers import PENDING, _gather
 
@@ -86,11 +85,9 @@ class Book:
         return self.meta.nbytes + self.slot_pos.nbytes + self.first.nbytes
 
 
-class EvictStaticLayer(CacheLayerMixin):
+class EvictStaticLayer(RuntimeLayer):
     """One decoder layer's kept K/V for the fast runtime (`StaticKVLayer`'s interface, own storage slots)."""
 
-    is_compileable = True
-    is_sliding = False
     per_row_slots = True
 
     def __init__(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, book: Book, policy):
@@ -104,9 +101,6 @@ class EvictStaticLayer(CacheLayerMixin):
         self.slots: torch.Tensor | None = None
         self.written = False
         self.pending = None  # snapkv: the prompt chunk waiting for its queries (`observe`)
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        return None
 
     def dynamic_dims(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
         batched = self.keys.shape[0] > 1
@@ -209,15 +203,6 @@ class EvictStaticLayer(CacheLayerMixin):
             first = self.book.first[:, None, None]
             vis = vis & ((seq < first + sinks) | (seq >= q + 1 - seen + sinks))
         return vis
-
-    def get_seq_length(self, *args, **kwargs) -> int:  # the runtime always passes position ids
-        return 0
-
-    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:  # masks are always given as 4-D tensors
-        return self.capacity, 0
-
-    def get_max_length(self) -> int:
-        return self.capacity
 
 
 class EvictLayerFactory:
