@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from conftest import build
+from test_kv_fast import greedy, models  # (the policy alone, the same weights with `spec+fast`)
 from test_runtime import padded_batch
 
 import hf_accel
@@ -29,19 +30,6 @@ SPECS = [SNAP, SNAP_SLACK, SINK, SINK_NO_SLACK]
 # batch 1 and left-padded batches (3 rows: a batch bucket of 4, one filler row), prompts shorter and longer than the
 # budget (+ slack), one longer than 64 new tokens
 CALLS = [([60], 40), ([70, 30, 55], 40), ([20], 30), ([100, 5], 60), ([9, 120, 33], 25), ([45], 80)]
-
-
-def models(arch: str, spec: str):
-    """(the policy alone, the same weights with `spec+fast`)."""
-    alone = build(arch)
-    fast = copy.deepcopy(alone)
-    hf_accel.apply(alone, spec)
-    hf_accel.apply(fast, spec + "+fast")
-    return alone, fast
-
-
-def greedy(model, ids, mask, new: int, **kw):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
 
 
 def evict_layers(model):
