@@ -483,23 +483,34 @@ def test_gpu_greedy_identical_with_cuda_graphs(compile, tmp_path):
     smaller_perturbed_copy(model.cpu(), layers=1, noise=0.3).save_pretrained(tmp_path / "draft")
     model.cuda()
     fast = f"fast(compile={compile}, decode_attention=sdpa)"
+    runs = gpu_references(model)
+    for method in ("draft", "lookup", "recycle"):
+        assert_on_graphs_like_target(model, spec_for(method, tmp_path / "draft", fast), runs, method)
+
+
+def gpu_references(model) -> list:
+    """(batch, generate kwargs, the target's own greedy output) at batch 1 and a left-padded batch of 3, on CUDA."""
     runs = []
     for batch in (1, 3):
         ids, mask = prompts(batch, seed=batch)
         kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, do_sample=False)
         runs.append((batch, kw, model.generate(**kw)))
-    for method in ("draft", "lookup", "recycle"):
-        hf_accel.apply(model, spec_for(method, tmp_path / "draft", fast))
-        try:
-            for batch, kw, ref in runs:
-                with warnings.catch_warnings():
-                    # a fallback warns as hf_accel; others (inductor's TF32 note, as TF32 is off here) may pass
-                    warnings.filterwarnings("error", message=".*hf_accel.*")
-                    out = model.generate(**kw)
-                assert torch.equal(out, ref), f"{method} batch {batch}"
-                assert model.hf_accel_spec_stats["runtime"] and get_runtime(model).stats["captures"] >= 1
-        finally:
-            hf_accel.remove(model)
+    return runs
+
+
+def assert_on_graphs_like_target(model, spec: str, runs: list, label: str) -> None:
+    """`spec` gives the target's tokens for every run, on the runtime (no fallback) with captured graphs."""
+    hf_accel.apply(model, spec)
+    try:
+        for batch, kw, ref in runs:
+            with warnings.catch_warnings():
+                # a fallback warns as hf_accel; others (inductor's TF32 note, as TF32 is off here) may pass
+                warnings.filterwarnings("error", message=".*hf_accel.*")
+                out = model.generate(**kw)
+            assert torch.equal(out, ref), f"{label} batch {batch}"
+            assert model.hf_accel_spec_stats["runtime"] and get_runtime(model).stats["captures"] >= 1
+    finally:
+        hf_accel.remove(model)
 
 
 @pytest.mark.gpu
@@ -511,19 +522,6 @@ def test_gpu_medusa_greedy_identical_with_cuda_graphs(compile, tmp_path):
     heads = random_heads(model, tmp_path / "h")
     model.cuda()
     fast = f"fast(compile={compile}, decode_attention=sdpa)"
-    runs = []
-    for batch in (1, 3):
-        ids, mask = prompts(batch, seed=batch)
-        kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, do_sample=False)
-        runs.append((batch, kw, model.generate(**kw)))
+    runs = gpu_references(model)
     for tree in ("default", "3,2,1"):
-        hf_accel.apply(model, medusa_spec(heads, tree, fast))
-        try:
-            for batch, kw, ref in runs:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("error", message=".*hf_accel.*")
-                    out = model.generate(**kw)
-                assert torch.equal(out, ref), f"{tree} batch {batch}"
-                assert model.hf_accel_spec_stats["runtime"] and get_runtime(model).stats["captures"] >= 1
-        finally:
-            hf_accel.remove(model)
+        assert_on_graphs_like_target(model, medusa_spec(heads, tree, fast), runs, f"medusa tree {tree}")
