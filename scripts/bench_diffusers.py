@@ -676,7 +676,7 @@ def summarise(data: dict) -> dict:
                 s[f"flux_{m}_{tag}_psnr"] = round(r["psnr_vs_uncached"], 2)
                 s[f"flux_{m}_{tag}_spec"] = r["spec"]
     # headline: deepcache speed on the SD1.5 shape at the setting whose digits PSNR is >= 30 dB
-    dig = {r["spec"]: r for r in rows if r.get("model") == "digits"}
+    dig = {r["spec"]: r for r in rows if r.get("model") == "digits" and "psnr" in r}  # error rows have none
     sd = {r["spec"]: r for r in rows if r.get("model") == "sd15"}
     ok = [(sd[k]["speedup"], k) for k in sd if k in dig and dig[k]["psnr"] >= 30]
     if ok:
@@ -801,7 +801,13 @@ def main():
     data.setdefault("commands", {})[args.part] = command
     data.setdefault("versions", {})[args.part] = versions()
     data.update(extra)
-    data["summary"] = summarise(data)
+    try:
+        data["summary"] = summarise(data)
+    except Exception as e:  # a summary bug must not lose a GPU run's rows: write them, then fail loudly
+        data["summary"] = {"error": f"{type(e).__name__}: {e}"}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1, default=str, allow_nan=True))
+        raise
     out.parent.mkdir(parents=True, exist_ok=True)
     data["summary"]["command"] = command
     data["summary"]["versions_now"] = versions()
