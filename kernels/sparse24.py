@@ -271,11 +271,98 @@ if HAS_TRITON:
             tl.store(y_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None], acc, mask=ok)
 
 
+    @triton.jit
+    def _expand_24(w, nib):
+        """Group words w = v0 | v1 << 16 and position nibbles nib = p0 | p1 << 2 (int32, one shape) -> the group's
+        four dense 16-bit entries as two words, lo = d0 | d1 << 16 and hi = d2 | d3 << 16, by masks and shifts
+        (no per-entry selects). Valid nibbles: 4 (p 0,1), 8 (0,2), 12 (0,3), 9 (1,2), 13 (1,3), 14 (2,3); a
+        masked group (w = 0) gives zeros whatever its nibble.
+        lo keeps v1 too only for (0,1), nothing for (2,3), else v0 alone, moved up 16 bits when p0 = 1 (odd nib);
+        hi keeps what lo does not, moved down 16 bits when p1 = 2 (bit 2 of nib clear; for (0,1) hi is 0)."""
+        keep_lo = tl.where(nib == 4, -1, tl.where(nib == 14, 0, 0xFFFF))
+        lo = (w & keep_lo) << ((nib << 4) & 16)
+        hi = ((w & ~keep_lo).to(tl.uint32, bitcast=True) >> ((~nib << 2) & 16).to(tl.uint32))
+        return lo, hi.to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _nibbles(mw, BLOCK_N: tl.constexpr, BKG: tl.constexpr):
+        """Meta words [BLOCK_N, BKG // 8] (int32: 8 groups' nibbles each, group 8c + i in bits 4i..4i+3) -> the
+        nibbles [BLOCK_N, BKG] in group order: constant shifts, then an in-thread interleave. tl.join appends the new
+        axis last (fastest), so order(n0..n7) = join(order(evens), order(odds)), recursively."""
+        n0 = mw & 15
+        n1 = (mw >> 4) & 15
+        n2 = (mw >> 8) & 15
+        n3 = (mw >> 12) & 15
+        n4 = (mw >> 16) & 15
+        n5 = (mw >> 20) & 15
+        n6 = (mw >> 24) & 15
+        n7 = (mw >> 28) & 15
+        tree = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+        return tree.reshape(BLOCK_N, BKG)
+
+    @triton.jit
+    def _dense_tile(w, mw, BLOCK_N: tl.constexpr, BKG: tl.constexpr, XDT: tl.constexpr):
+        """Words [BLOCK_N, BKG] and meta words [BLOCK_N, BKG // 8] (int32) -> the dense [BLOCK_N, 4·BKG] tile in XDT
+        (bit patterns: exact). Joins and in-thread reshapes only: dense columns 4g..4g+3 are group g's."""
+        lo, hi = _expand_24(w, _nibbles(mw, BLOCK_N, BKG))
+        pairs = tl.join(lo, hi).reshape(BLOCK_N, 2 * BKG)  # word t: dense columns 2t (low half), 2t + 1
+        halves = tl.join(pairs.to(tl.int16), (pairs >> 16).to(tl.int16)).reshape(BLOCK_N, 4 * BKG)
+        return halves.to(XDT, bitcast=True)
+
+    @triton.jit
+    def _s24_mma(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, G, STEPS, stride_xm, stride_vn, stride_mn, stride_ym,
+                 HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BKG: tl.constexpr, INTERPRET: tl.constexpr):
+        """Tensor cores on the decompressed tile: acc[n, m] += W[n, k-block] @ x^T[k-block, m], W's tile expanded
+        in registers from contiguous word and meta-byte loads (`_dense_tile`) and fed as the MMA's A operand ("swap
+        AB": W rows fill the MMA's M dimension, the few x rows its N, padded to BLOCK_M >= 16 by re-reading row 0).
+        x^T is one contiguous [4·BKG, BLOCK_M] tile per step (vector loads along K)."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn_in = tl.where(rn < N, rn, 0)
+        rm_in = tl.where(rm < M, rm, 0)
+        rg = tl.arange(0, BKG)
+        rc = tl.arange(0, BKG // 8)
+        rk = tl.arange(0, 4 * BKG)
+        g_first = pid_k * STEPS * BKG  # a multiple of 8: meta word g_first // 8 starts the step
+        w_ptrs = v_ptr + rn_in[:, None].to(tl.int64) * stride_vn + (g_first + rg)[None, :]
+        mt_ptrs = m_ptr + rn_in[:, None].to(tl.int64) * stride_mn + (g_first // 8 + rc)[None, :]
+        x_ptrs = x_ptr + rm_in[None, :].to(tl.int64) * stride_xm + (4 * g_first + rk)[:, None]  # [4·BKG, BM]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        xdt = x_ptr.dtype.element_ty
+        for step in range(0, STEPS):
+            if EVEN:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                mb = tl.load(mt_ptrs, eviction_policy="evict_first")
+                xt = tl.load(x_ptrs)
+            else:
+                g0 = g_first + step * BKG
+                w = tl.load(w_ptrs, mask=(g0 + rg < G)[None, :], other=0, eviction_policy="evict_first")
+                mb = tl.load(mt_ptrs, mask=(g0 + 8 * rc < G)[None, :], other=0, eviction_policy="evict_first")
+                xt = tl.load(x_ptrs, mask=(4 * g0 + rk < 4 * G)[:, None], other=0.0)
+            acc = _dot(_dense_tile(w, mb, BLOCK_N, BKG, xdt), xt, acc, INTERPRET)
+            w_ptrs += BKG
+            mt_ptrs += BKG // 8
+            x_ptrs += 4 * BKG
+        ok = (rn < N)[:, None] & (rm < M)[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn_in).to(tl.float32)[:, None]
+            tl.store(y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=ok)
+        else:
+            tl.store(y_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None], acc, mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------------------------------
-KINDS = ("xsel", "planes", "dot", "dense")
-XSEL_MAX_M = 4  # default: "xsel" up to 4 rows, "planes" up to 15, "dot" from 16 (ALU counts in the docstring)
+KINDS = ("mma", "xsel", "planes", "dot", "dense")
+# default when in_features % 32 != 0 (no "mma"): "xsel" up to 4 rows, "planes" up to 15, "dot" from 16
+XSEL_MAX_M = 4
 DOT_MIN_M = 16
 # (device, M bucket, N, K) -> {"kernel": one of KINDS, LaunchConfig fields}; filled from the GPU sweep of
 # scripts/bench_prune.py (its "tuned_sparse24" list). An H200 falls back to H100 entries (_base.SIBLING).
@@ -287,6 +374,35 @@ def _split_for(programs: int, steps: int, sms: int) -> int:
     while programs * split < 2 * sms and split < 8 and steps >= 2 * split:
         split *= 2
     return split
+
+
+def _split_for_warps(programs: int, warps: int, steps: int, sms: int, per_sm: int = 3) -> int:
+    """Split-K for the "mma" kernel: doubled (at most 8, >= 2 steps per split) until the grid holds `per_sm` warps
+    per SM: one warp issues ~0.25 instructions per clock in this loop, and the SM must expand ~8.6 dense weights
+    per clock at 60% of copy bandwidth (~55 lane-instructions per clock at 6.5 per weight)."""
+    split = 1
+    while programs * warps * split < per_sm * sms and split < 8 and steps >= 2 * split:
+        split *= 2
+    return split
+
+
+def _mma_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
+    """BLOCK_M: x rows padded to 16 (the MMA's N; M = 1 pays only tensor-core time). BLOCK_N 64 / 4 warps (one
+    wgmma warpgroup) where N gives >= 1.5 programs per SM (gate/up: 224), else 32 rows / 2 warps (mma.sync) for
+    M <= 16 (q/o, down, k/v: 128 programs before split-K); x^T is re-read from L2 by every program, 1.78·BM/BN
+    of the weight bytes, so BLOCK_N stays >= 2·BLOCK_M. 256 dense columns per step (BKG 64), 3 stages of
+    cp.async; SASS (triton 3.6, sm_90): 6.1-7.0 lane-instructions per dense weight, no spills (kernels/NOTES.md)."""
+    groups = k // 4
+    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    if block_m <= 16 and -(-n // 64) < 1.5 * sms:
+        block_n, warps = 32, 2
+    else:
+        block_n, warps = 64, 4
+    bkg = min(64 if block_m <= 32 else 32, max(8, triton.next_power_of_2(groups)))
+    programs = -(-n // block_n) * -(-m // block_m)
+    split = _split_for_warps(programs, warps, -(-groups // bkg), sms)
+    return LaunchConfig(block_n=block_n, block_k=4 * bkg, block_m=block_m, num_warps=warps, num_stages=3,
+                        split_k=split)
 
 
 def _bgemv_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
@@ -314,11 +430,16 @@ def _dot_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
                         split_k=split)
 
 
+_DEFAULTS = {"mma": _mma_default, "xsel": _bgemv_default, "planes": _bgemv_default, "dot": _dot_default}
+
+
 def default_config(m: int, n: int, k: int, sms: int) -> tuple[str, LaunchConfig | None]:
-    """The untuned choice: "xsel" (M <= 4), "planes" (M < 16), "dot" (M <= DOT_M), "dense" above; split-K doubled
-    (at most 8) until the programs cover two waves of the SMs."""
+    """The untuned choice: "mma" for every M <= DOT_M when in_features % 32 == 0, else "xsel" (M <= 4), "planes"
+    (M < 16), "dot" (M <= DOT_M); "dense" above DOT_M."""
     if m > DOT_M:
         return "dense", None
+    if mma_supported(k):
+        return "mma", _mma_default(m, n, k, sms)
     if m >= DOT_MIN_M:
         return "dot", _dot_default(m, n, k, sms)
     return ("xsel" if m <= XSEL_MAX_M else "planes"), _bgemv_default(m, n, k, sms)
@@ -344,34 +465,45 @@ def _check(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> None:
         raise ValueError("sparse24: values and meta must be row-contiguous, values rows 4-byte aligned")
 
 
+def mma_supported(k: int) -> bool:
+    """The "mma" kernel reads the meta as int32 words (8 groups each), so a meta row must be whole words."""
+    return k % 32 == 0
+
+
 def sparse24_launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
                     kind: str, cfg: LaunchConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One launch of `kind` ("xsel", "planes" or "dot") on x2 [M, K] -> [M, N] (x2's dtype)."""
+    """One launch of `kind` ("mma", "xsel", "planes" or "dot") on x2 [M, K] -> [M, N] (x2's dtype)."""
     _check(x2, values, meta)
     m, k = x2.shape
     n = values.shape[0]
+    if kind not in KINDS[:-1]:
+        raise ValueError(f"sparse24: unknown kernel kind {kind!r}; accepted: {', '.join(KINDS[:-1])}")
     if cfg is None:
-        cfg = (_dot_default if kind == "dot" else _bgemv_default)(m, n, k, sm_count(x2.device))
+        cfg = _DEFAULTS[kind](m, n, k, sm_count(x2.device))
     groups = k // 4
     bkg = cfg.block_k // 4
-    if bkg < 2 or bkg & (bkg - 1) or cfg.block_k % 4:
-        raise ValueError(f"sparse24: block_k must be 4 x a power of two >= 2, got {cfg.block_k}")
+    min_bkg = 8 if kind == "mma" else 2
+    if bkg < min_bkg or bkg & (bkg - 1) or cfg.block_k % 4:
+        raise ValueError(f"sparse24: block_k must be 4 x a power of two >= {min_bkg} for {kind}, got {cfg.block_k}")
+    if kind == "mma" and not mma_supported(k):
+        raise ValueError(f"sparse24: the mma kernel needs in_features % 32 == 0 (whole meta words), got {k}")
     steps, split = split_plan(groups, bkg, cfg.split_k)
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype) if out is None else out
     dst = y if split == 1 else torch.empty(split, m, n, device=x2.device, dtype=torch.float32)
     words = values.view(torch.int32)  # [N, K/4]: one word = one group's two values
+    mt = meta.view(torch.int32) if kind == "mma" else meta  # [N, K/32]: one word = 8 groups' positions
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     common = dict(HAS_BIAS=bias is not None, EVEN=groups == split * steps * bkg, SPLIT=split,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BKG=bkg, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
-    args = (x2, words, meta, bias if bias is not None else words, dst, m, n, groups, steps, x2.stride(0),
-            words.stride(0), meta.stride(0), y.stride(0))
-    if kind == "dot":
+    args = (x2, words, mt, bias if bias is not None else words, dst, m, n, groups, steps, x2.stride(0),
+            words.stride(0), mt.stride(0), y.stride(0))
+    if kind == "mma":
+        _s24_mma[grid](*args, INTERPRET=interpreting(), **common)
+    elif kind == "dot":
         _s24_dot[grid](*args, INTERPRET=interpreting(), **common)
-    elif kind in ("xsel", "planes"):
-        _s24_bgemv[grid](*args, IS_BF16=x2.dtype == torch.bfloat16, XSEL=kind == "xsel", ACC3=cfg.acc3, **common)
     else:
-        raise ValueError(f"sparse24: unknown kernel kind {kind!r}; accepted: xsel, planes, dot")
+        _s24_bgemv[grid](*args, IS_BF16=x2.dtype == torch.bfloat16, XSEL=kind == "xsel", ACC3=cfg.acc3, **common)
     if split > 1:
         splitk_reduce(dst, bias, y)
     return y

@@ -201,36 +201,43 @@ def linear_phase(args, dev, dims, bw, rows, deadline):
 
 # -------------------------------------------------------------------------------------------------------------
 def triton24_candidates(m, n, k, sms):
-    """A few launch configurations around the library default for (M, N, K): (kind, LaunchConfig)."""
+    """A few launch configurations around the library default for (M, N, K), likeliest first: (kind, LaunchConfig).
+    "mma" (the decompressed tile on tensor cores) in its tile shapes and split-K choices; at M <= 4 also the old
+    "xsel" GEMV in its best measured configuration (H200, 2026-12-01) for comparison."""
     from hf_accel.kernels import sparse24 as S
     from hf_accel.kernels._base import LaunchConfig
 
     groups = k // 4
     p2 = lambda v: 1 << max(0, (v - 1).bit_length())
+    bm = max(16, min(64, p2(m)))
 
-    def cfg(kind, bn, bkg, bm, warps=4, stages=1, split=None):
-        bkg = min(bkg, max(2 if kind != "dot" else 16, p2(groups)))
+    def mma(bn, bkg, warps, stages=3, split=None):
+        bkg = min(bkg, max(8, p2(groups)))
         if split is None:
-            split = S._split_for(-(-n // bn) * -(-m // bm), -(-groups // bkg), sms)
-        return kind, LaunchConfig(block_n=bn, block_k=4 * bkg, block_m=bm, num_warps=warps, num_stages=stages,
-                                  split_k=split)
+            split = S._split_for_warps(-(-n // bn) * -(-m // bm), warps, -(-groups // bkg), sms)
+        return "mma", LaunchConfig(block_n=bn, block_k=4 * bkg, block_m=bm, num_warps=warps, num_stages=stages,
+                                   split_k=split)
 
-    if m >= S.DOT_MIN_M:
-        bm = max(16, min(64, p2(m)))
-        return [cfg("dot", 128, 64, bm, 8, 2), cfg("dot", 64, 64, bm, 4, 3), cfg("dot", 64, 32, bm, 4, 3),
-                cfg("dot", 64, 64, bm, 8, 2), cfg("dot", 32, 64, bm, 4, 2)]
-    bm = p2(m)
-    kind = "xsel" if m <= S.XSEL_MAX_M else "planes"
-    other = "planes" if kind == "xsel" else "xsel"
-    return [cfg(kind, 4, 256, bm), cfg(kind, 16, 64, bm), cfg(kind, 8, 128, bm, 8), cfg(kind, 8, 64, bm, 4, 1, 1),
-            cfg(other, 8 if bm <= 2 else 4, 128 if bm <= 2 else 64, bm)]
+    if not S.mma_supported(k):
+        return []
+    if bm <= 16:
+        cands = [mma(32, 64, 2), mma(64, 64, 4), mma(64, 32, 4, 4), mma(128, 32, 8), mma(32, 64, 2, split=1),
+                 mma(64, 64, 4, split=1), mma(16, 64, 1)]
+    else:
+        cands = [mma(64, 64, 4), mma(128, 32, 8), mma(64, 32, 4, 4), mma(64, 64, 4, split=1), mma(128, 64, 8),
+                 mma(64, 32, 4, 3, 4)]
+    if m <= S.XSEL_MAX_M:
+        cands.append(("xsel", LaunchConfig(block_n=4, block_k=min(1024, 4 * p2(groups)), block_m=p2(m),
+                                           num_warps=4, split_k=2 if n <= 2048 else 1)))
+    unique = {(kind, tuple(sorted(c.as_dict().items()))): (kind, c) for kind, c in reversed(cands)}
+    return [unique[key] for key in dict.fromkeys((kind, tuple(sorted(c.as_dict().items()))) for kind, c in cands)]
 
 
 def triton24_phase(args, dev, dims, bw, rows, deadline, sweep_deadline):
     """Rows of backend "triton24" (the library's launch choice first), then the sweep on CUDA; returns the tuned
     table entries [(key, value)] for kernels/sparse24.py's TUNED."""
     from hf_accel.kernels import sparse24 as S
-    from hf_accel.kernels._base import LaunchConfig, device_key, m_bucket, sm_count
+    from hf_accel.kernels._base import device_key, m_bucket, sm_count
     from hf_accel.plugins.pruning.methods import nm_mask
 
     kernel = S.HAS_TRITON and (dev.type == "cuda" or S.interpreting())
@@ -260,8 +267,9 @@ def triton24_phase(args, dev, dims, bw, rows, deadline, sweep_deadline):
             rows.append(row)
             if kernel:
                 kind, cfg = S.choose(m, n, k, dev)
-                if kind == "dense":  # large M: time our tensor-core kernel anyway (the op would decompress + cuBLAS)
-                    kind, cfg = "dot", LaunchConfig(block_n=64, block_k=256, block_m=64, num_warps=4, num_stages=3)
+                if kind == "dense":  # prefill: the module runs the semi-structured kernels; not ours to time
+                    row["skipped"] = "M > DOT_M: prefill runs on the semi-structured (cuSPARSELt) path"
+                    continue
             else:
                 kind, cfg = "reference", None
             cases.append((row, state[shape], kind, cfg))
@@ -479,6 +487,12 @@ def e2e_phase(args, dev, dims, rows, deadline):
 
 
 # -------------------------------------------------------------------------------------------------------------
+# written before the first H200 run of the "mma" kernel (kernels/NOTES.md, 2:4 section): compare with the
+# measured layer_speedup_triton24_m* / triton24_pct_copy_bw_m*
+TRITON24_PREDICTED = {"triton24_predicted_layer_speedup_m1": 1.35, "triton24_predicted_layer_speedup_m16": 1.35,
+                      "triton24_predicted_layer_speedup_m32": 1.35, "triton24_predicted_pct_copy_bw_m32": 55}
+
+
 def summarize(rows, bw, dims):
     s = {}
     lin = {(r["shape"], r["m"], r["backend"]): r for r in rows if r["phase"] == "linear" and "ms" in r}
@@ -509,9 +523,18 @@ def summarize(rows, bw, dims):
                 if "pct_copy_bw" in lin.get((sh, m, "triton24"), {})]
         if tpct:
             s[f"triton24_pct_copy_bw_m{m}"] = round(statistics.mean(tpct), 1)
-    for key in ("layer_speedup_best_m2048", "layer_speedup_best_m32", "layer_speedup_best_m1"):
+    for m in (1, 16, 32):  # what the Triton kernel chose per shape (kernel, tile, split)
+        for sh in per_layer:
+            r = lin.get((sh, m, "triton24"))
+            if r and r.get("config"):
+                c = r["config"]
+                s[f"triton24_config_{sh}_m{m}"] = (f"{r['kernel']} bn{c['block_n']} bk{c['block_k']} bm{c['block_m']} "
+                                                   f"w{c['num_warps']} s{c['num_stages']} split{c.get('split_k', 1)}")
+    for key in ("layer_speedup_best_m2048", "layer_speedup_best_m32", "layer_speedup_best_m16",
+                "layer_speedup_best_m1"):
         if key in s:
             s[key.replace("layer_speedup_best", "goal_1_4x_met")] = s[key] >= 1.4
+    s.update(TRITON24_PREDICTED)
     s["triton24_bytes_vs_dense"] = 0.5625  # bf16 values (0.5) + 2-bit positions (0.0625): the bandwidth-bound ceiling
     s["triton24_predicted_speedup_bw"] = round(1 / 0.5625, 3)  # at equal % of copy bandwidth, M <= 32
     errs = [r["rel_err"] for r in rows if "rel_err" in r]

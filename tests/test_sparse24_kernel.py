@@ -23,6 +23,14 @@ import torch.nn.functional as F
 # (kernel, dtype, M, N, K, config overrides): odd N (rows past the last block), K not a multiple of the K block
 # (masked groups), split-K with a ragged last split, both accumulator shapes, dot with M < 16 (padded rows)
 CPU_CASES = [
+    # "mma": M = 1 padded to 16 (BN 32 / 2 warps), a full wgmma-shaped tile, odd N with split-K, a masked K tail
+    # (224 = 7 meta words, 4 steps of 16 groups), the smallest step (8 groups = one meta word) with 3 splits, 64 rows
+    ("mma", "bf16", 1, 64, 256, dict(block_n=32, block_k=64, block_m=16, num_warps=2)),
+    ("mma", "bf16", 16, 64, 512, dict(block_n=64, block_k=256, block_m=16, num_warps=4)),
+    ("mma", "bf16", 32, 130, 512, dict(block_n=32, block_k=128, block_m=32, split_k=2)),
+    ("mma", "fp16", 20, 48, 224, dict(block_n=16, block_k=64, block_m=32)),
+    ("mma", "bf16", 3, 40, 96, dict(block_n=16, block_k=32, block_m=16, split_k=3)),
+    ("mma", "bf16", 64, 64, 256, {}),
     ("xsel", "bf16", 1, 64, 128, dict(block_n=8, block_k=64)),
     ("xsel", "bf16", 3, 37, 136, dict(block_n=8, block_k=32, block_m=4, split_k=2)),
     ("xsel", "fp16", 2, 33, 200, dict(block_n=4, block_k=64, block_m=2, acc3=False)),
@@ -33,10 +41,11 @@ CPU_CASES = [
     ("dot", "bf16", 32, 130, 512, dict(block_n=32, block_k=128, block_m=32, split_k=2)),
     ("dot", "fp16", 20, 48, 200, dict(block_n=16, block_k=64, block_m=16, split_k=2)),
     ("dot", "bf16", 3, 40, 128, dict(block_n=16, block_k=64, block_m=16)),
-    # the op with its default dispatch (xsel / planes / dot / dense), with a bias
+    # the op with its default dispatch (mma; K % 32 != 0: xsel / planes / dot; dense), with a bias
     ("op", "bf16", 1, 256, 512, {}),
     ("op", "bf16", 3, 128, 256, {}),
     ("op", "bf16", 16, 96, 136, {}),
+    ("op", "bf16", 2, 64, 136, {}),
     ("op", "bf16", 32, 256, 512, {}),
     ("op", "fp16", 7, 64, 128, {}),
     ("op", "bf16", 70, 64, 128, {}),
@@ -75,7 +84,7 @@ def run_case(case, device: str, seed: int = 0) -> dict:
     if kind == "op":
         y = S.sparse24_linear(xd, values, meta, bd)
     else:
-        defaults = (S._dot_default if kind == "dot" else S._bgemv_default)(m, n, k, 132).as_dict()
+        defaults = S._DEFAULTS[kind](m, n, k, 132).as_dict()
         out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
         y = S.sparse24_launch(xd, values, meta, bd, kind, LaunchConfig(**{**defaults, **over}), out=out)
         assert y.data_ptr() == out.data_ptr()
@@ -119,7 +128,7 @@ def model_kernel_path(tmpdir: str) -> dict:
     res = {"sparse_modules": len(names), "rel_err": {}}
     try:
         with torch.no_grad():
-            for b, t in ((1, 1), (1, 5), (2, 8)):  # 1, 5 and 16 rows: xsel, planes, dot
+            for b, t in ((1, 1), (1, 5), (2, 8)):  # 1, 5 and 16 rows: "mma" (all shapes have K % 32 == 0)
                 ids = sample_ids(b, t)
                 got, want = model(ids).logits.double(), twin(ids).logits.double()
                 res["rel_err"][f"{b}x{t}"] = ((got - want).norm() / want.norm()).item()
@@ -158,11 +167,11 @@ def test_interpreted_kernel_matches_reference(interpreted, case):
 
 
 def test_interpreted_model_through_kernel(interpreted):
-    """The compressed modules of a 2:4-pruned tiny Llama run the kernel (every kind: 1, 5 and 16 rows) and give
+    """The compressed modules of a 2:4-pruned tiny Llama run the kernel ("mma" at 1, 5 and 16 rows) and give
     the dense pruned model's logits within bf16 tolerance; the artifact reloads to identical logits."""
     got = interpreted["model"]
     assert got["sparse_modules"] == 14 and got["reloaded_sparse_modules"] == 14, got
-    assert got["kinds"] == ["dot", "planes", "xsel"] and got["launches"] >= 3 * 14, got
+    assert got["kinds"] == ["mma"] and got["launches"] >= 3 * 14, got
     assert max(got["rel_err"].values()) < 2e-2, got
     assert got["reload_identical"], got
 
