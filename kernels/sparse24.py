@@ -310,13 +310,36 @@ if HAS_TRITON:
         return halves.to(XDT, bitcast=True)
 
     @triton.jit
+    def _fixup(p_ptr, b_ptr, out_ptr, cnt, tile_offs, rn, rn_in, rm, ok, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+               SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Split-K without a second launch (the CUTLASS semaphore pattern): after its partial is stored, a program
+        counts itself in (barrier, then one acq_rel atomic at GPU scope); the one that arrives last reads all
+        partials past L1 (.cg: other SMs wrote them), sums them in split order, adds the bias, stores the output
+        and resets the counter for the next launch."""
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                total += tl.load(p_ptr + s * M * N + tile_offs, mask=ok, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn_in).to(tl.float32)[:, None]
+            tl.store(out_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None],
+                     total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
     def _s24_mma(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, G, STEPS, stride_xm, stride_vn, stride_mn, stride_ym,
-                 HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BKG: tl.constexpr, INTERPRET: tl.constexpr):
+                 out_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BKG: tl.constexpr, FIXUP: tl.constexpr,
+                 INTERPRET: tl.constexpr):
         """Tensor cores on the decompressed tile: acc[n, m] += W[n, k-block] @ x^T[k-block, m], W's tile expanded
         in registers from contiguous word and meta-byte loads (`_dense_tile`) and fed as the MMA's A operand ("swap
         AB": W rows fill the MMA's M dimension, the few x rows its N, padded to BLOCK_M >= 16 by re-reading row 0).
-        x^T is one contiguous [4·BKG, BLOCK_M] tile per step (vector loads along K)."""
+        x^T is one contiguous [4·BKG, BLOCK_M] tile per step (vector loads along K). SPLIT > 1: y_ptr holds fp32
+        partials [SPLIT, M, N]; with FIXUP the last program of each output tile to arrive (per-tile counters at
+        cnt_ptr, zero between launches) adds them in split order and writes out_ptr [M, N] itself: no second
+        launch, and the same sum whichever program arrives last."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -354,7 +377,11 @@ if HAS_TRITON:
             tl.store(y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
                      mask=ok)
         else:
-            tl.store(y_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None], acc, mask=ok)
+            tile_offs = rm[None, :].to(tl.int64) * N + rn[:, None]
+            tl.store(y_ptr + pid_k * M * N + tile_offs, acc, mask=ok)
+            if FIXUP:
+                _fixup(y_ptr, b_ptr, out_ptr, cnt_ptr + pid_m * tl.num_programs(0) + pid_n, tile_offs, rn, rn_in, rm,
+                       ok, M, N, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,6 +492,24 @@ def _check(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> None:
         raise ValueError("sparse24: values and meta must be row-contiguous, values rows 4-byte aligned")
 
 
+# "mma" with split-K: the last program of each output tile adds the partials (no second launch). Counters are
+# shared per device: launches on one device must not overlap (one stream), else set this False (two launches).
+MMA_FIXUP = True
+_TILE_COUNTERS: dict = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's zeroed int32 tile counters (>= tiles), or None while a CUDA graph is being captured and none
+    exist yet (a buffer made then would live in the graph's pool): that launch reduces in a second kernel."""
+    buf = _TILE_COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
+        _TILE_COUNTERS[device] = buf
+    return buf
+
+
 def mma_supported(k: int) -> bool:
     """The "mma" kernel reads the meta as int32 words (8 groups each), so a meta row must be whole words."""
     return k % 32 == 0
@@ -499,7 +544,11 @@ def sparse24_launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
     args = (x2, words, mt, bias if bias is not None else words, dst, m, n, groups, steps, x2.stride(0),
             words.stride(0), mt.stride(0), y.stride(0))
     if kind == "mma":
-        _s24_mma[grid](*args, INTERPRET=interpreting(), **common)
+        counters = _tile_counters(x2.device, grid[0] * grid[1]) if split > 1 and MMA_FIXUP else None
+        _s24_mma[grid](*args, y, counters if counters is not None else words, FIXUP=counters is not None,
+                       INTERPRET=interpreting(), **common)
+        if counters is not None:
+            return y
     elif kind == "dot":
         _s24_dot[grid](*args, INTERPRET=interpreting(), **common)
     else:

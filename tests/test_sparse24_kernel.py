@@ -93,6 +93,33 @@ def run_case(case, device: str, seed: int = 0) -> dict:
             "rel_err": ((y - ref).norm() / ref.norm()).item()}
 
 
+def mma_split_paths() -> dict:
+    """The "mma" kernel's two split-K reductions on one case: in-kernel (the last program of each tile sums the
+    partials; the tile counters must be back at zero afterwards, and a second launch must give the same bits) and
+    two launches (MMA_FIXUP off)."""
+    from hf_accel.kernels import sparse24 as S
+    from hf_accel.kernels._base import LaunchConfig
+
+    gen = torch.Generator().manual_seed(7)
+    w, _ = pruned_24(72, 512, gen, torch.bfloat16)
+    values, meta = S.compress_24(w)
+    x = torch.randn(5, 512, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(72, generator=gen).to(torch.bfloat16)
+    cfg = LaunchConfig(block_n=32, block_k=64, block_m=16, num_warps=2, split_k=4)
+    ref = x.double() @ w.double().T + bias.double()
+    err = lambda y: ((y.double() - ref).norm() / ref.norm()).item()
+    first = S.sparse24_launch(x, values, meta, bias, "mma", cfg)
+    counters = S._TILE_COUNTERS[x.device]
+    res = {"fixup_rel_err": err(first), "counters_zero": int(counters.abs().sum()) == 0,
+           "repeat_identical": bool(torch.equal(S.sparse24_launch(x, values, meta, bias, "mma", cfg), first))}
+    S.MMA_FIXUP = False
+    try:
+        res["two_launch_rel_err"] = err(S.sparse24_launch(x, values, meta, bias, "mma", cfg))
+    finally:
+        S.MMA_FIXUP = True
+    return res
+
+
 def bf16_llama():
     """The tiny Llama in bf16 as from_pretrained(dtype=bf16) builds it: parameters bf16, rotary buffers fp32."""
     from conftest import build
@@ -174,6 +201,12 @@ def test_interpreted_model_through_kernel(interpreted):
     assert got["kinds"] == ["mma"] and got["launches"] >= 3 * 14, got
     assert max(got["rel_err"].values()) < 2e-2, got
     assert got["reload_identical"], got
+
+
+def test_interpreted_mma_split_k_both_reductions(interpreted):
+    got = interpreted["mma_split"]
+    assert got["fixup_rel_err"] < 1e-2 and got["two_launch_rel_err"] < 1e-2, got
+    assert got["counters_zero"] and got["repeat_identical"], got
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,4 +393,4 @@ if __name__ == "__main__":  # the child process of `interpreted`: TRITON_INTERPR
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     results = {c["id"]: c for c in (run_case(case, "cpu") for case in CPU_CASES)}
     tmp = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
-    print(json.dumps({"cases": results, "model": model_kernel_path(tmp)}))
+    print(json.dumps({"cases": results, "model": model_kernel_path(tmp), "mma_split": mma_split_paths()}))
