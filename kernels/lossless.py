@@ -69,14 +69,14 @@ def exponent_histogram(w: torch.Tensor) -> torch.Tensor:
     return torch.bincount(((bf16_bits(w) >> 7) & 0xFF).flatten(), minlength=256).cpu()
 
 
-def best_window(hist: torch.Tensor) -> tuple[int, int]:
-    """(base, covered): the window [base, base + 15] (1 <= base <= MAX_BASE) covering the most weights.
-    Ties go to the lower base."""
+def best_window(hist: torch.Tensor, window: int = WINDOW) -> tuple[int, int]:
+    """(base, covered): the window [base, base + window - 1] (1 <= base, base + window - 1 <= 254) covering the
+    most weights. Ties go to the lower base."""
     h = hist.clone().to(torch.int64)
     h[0] = 0
     cs = torch.cat([torch.zeros(1, dtype=torch.int64), h.cumsum(0)])
-    starts = torch.arange(1, MAX_BASE + 1)
-    cover = cs[starts + WINDOW] - cs[starts]
+    starts = torch.arange(1, 254 - window + 2)
+    cover = cs[starts + window] - cs[starts]
     i = int(torch.argmax(cover))  # first maximum
     return int(starts[i]), int(cover[i])
 
@@ -86,9 +86,9 @@ def capacity(n: int, k: int, max_escape_rate: float) -> int:
     return max(1, math.ceil(n * k * max_escape_rate))
 
 
-def escape_count(hist: torch.Tensor, base: int) -> int:
+def escape_count(hist: torch.Tensor, base: int, window: int = WINDOW) -> int:
     h = hist.to(torch.int64)
-    return int(h.sum() - h[base:base + WINDOW].sum())
+    return int(h.sum() - h[base:base + window].sum())
 
 
 def format_bits_per_weight(n: int, k: int, max_escape_rate: float) -> float:
@@ -153,6 +153,102 @@ def lossless_linear_ref(x: torch.Tensor, sm, code, base, ptr, col, val, bias: Op
     """decode, then F.linear: bit-identical to F.linear with the original bf16 weight."""
     w = decode_ref(sm, code, base, ptr, col, val)
     return F.linear(x, w.to(x.dtype), bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the 3-bit layout ("code3"): a window of 8 exponents, 11 bits per weight + escapes (chosen per layer when smaller)
+# ---------------------------------------------------------------------------------------------------------------
+WINDOW3 = 8
+MAX_K3 = 1 << 16  # escape columns are 16 bits
+MAX_ESCAPE_RATE3 = 2.0 ** -5  # ~ where code3 stops being smaller than code4; bounds the GEMV's escape pass
+
+
+def code3_supported(k: int) -> bool:
+    """The 3-bit layout needs K a multiple of 8 (8 segments) and K <= 65536 (16-bit escape columns)."""
+    return k % 8 == 0 and 0 < k <= MAX_K3
+
+
+def format3_bytes(n: int, k: int, escapes: int) -> int:
+    """Stored bytes of a code3 layer: sign|mantissa byte + 3/8 byte code per weight, row pointers, 4 bytes per
+    escape (column | bf16 bits in one int32), the base."""
+    return n * k + n * (3 * k // 8) + 4 * (n + 1) + 4 * max(1, escapes) + 4
+
+
+def format3_bits_per_weight(n: int, k: int, escapes: int) -> float:
+    return 8 * format3_bytes(n, k, escapes) / (n * k)
+
+
+def format4_bytes(n: int, k: int, max_escape_rate: float) -> int:
+    return n * k + n * (k // 2) + 4 * (n + 1) + 6 * capacity(n, k, max_escape_rate) + 4
+
+
+def escape_words(cols: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """int32 escape entries: column in the low 16 bits, the exact bf16 bits in the high 16 (so the weight is
+    `word & 0xFFFF0000` read as fp32)."""
+    signed = bits.to(torch.int64) - ((bits.to(torch.int64) >= 0x8000).to(torch.int64) << 16)
+    return (signed * 65536 + cols.to(torch.int64)).to(torch.int32)
+
+
+def encode3(w: torch.Tensor, cap: int | None = None) -> dict[str, torch.Tensor]:
+    """bf16 [N, K] -> the code3 tensors (on w's device). cap: escape slots (default: exactly the escapes).
+    Raises ValueError for an unsupported shape or more escapes than `cap`.
+
+    Layout (E = K / 8; column s E + j is "segment s, position j"):
+        sm    uint8 [N, K]      as in the 4-bit layout (0 at escapes)
+        code  uint8 [N, 3 E]    24-bit group g_j = sum_s c(s E + j) << 3 s, byte p of g_j at column p E + j: a
+                                kernel tile of positions j0..j0+B loads three byte tiles and every sm/x segment once
+        base  int32 [1]         window exponents base .. base + 7 (codes 0..7; escapes: placeholder code 0, byte 0)
+        ptr   int32 [N + 1]     CSR row pointers into esc
+        esc   int32 [cap]       column | bf16 bits << 16, row-major, ascending column
+    """
+    if w.ndim != 2 or not code3_supported(w.shape[1]):
+        raise ValueError(f"the 3-bit layout needs a 2-D weight with K % 8 == 0 and K <= {MAX_K3}, got {tuple(w.shape)}")
+    n, k = w.shape
+    e = k // 8
+    bits = bf16_bits(w)
+    exp = (bits >> 7) & 0xFF
+    base, _ = best_window(exponent_histogram(w), WINDOW3)
+    in_win = (exp >= base) & (exp < base + WINDOW3)
+    esc = ~in_win
+    n_esc = int(esc.sum())
+    cap = max(1, n_esc) if cap is None else cap
+    if n_esc > cap:
+        raise ValueError(f"{n_esc} escapes ({n_esc / (n * k):.2e} of the weights) exceed the capacity {cap}")
+    code = torch.where(in_win, exp - base, torch.zeros_like(exp)).view(n, 8, e)
+    g = sum(code[:, s] << (3 * s) for s in range(8))
+    packed = torch.cat([(g >> (8 * p)) & 0xFF for p in range(3)], dim=1)
+    sm = ((bits >> 8) & 0x80) | (bits & 0x7F)
+    sm = torch.where(esc, torch.zeros_like(sm), sm)
+    rows, cols = esc.nonzero(as_tuple=True)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=w.device)
+    ptr[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    words = torch.zeros(cap, dtype=torch.int32, device=w.device)
+    words[:n_esc] = escape_words(cols, bits[rows, cols])
+    return {"sm": sm.to(torch.uint8), "code": packed.to(torch.uint8),
+            "base": torch.tensor([base], dtype=torch.int32, device=w.device), "ptr": ptr.to(torch.int32), "esc": words}
+
+
+def decode3_ref(sm, code, base, ptr, esc) -> torch.Tensor:
+    """The code3 tensors -> the original bf16 weight, bit for bit (plain torch)."""
+    n, k = sm.shape
+    e = k // 8
+    if code.shape != (n, 3 * e):
+        raise ValueError(f"code3 plane {tuple(code.shape)} does not match the weight {(n, k)}")
+    c = code.to(torch.int32)
+    g = c[:, :e] | (c[:, e:2 * e] << 8) | (c[:, 2 * e:] << 16)
+    exp = torch.cat([(g >> (3 * s)) & 7 for s in range(8)], dim=1) + base.to(torch.int32)
+    s = sm.to(torch.int32)
+    bits = ((s & 0x80) << 8) | (exp << 7) | (s & 0x7F)
+    n_esc = int(ptr[-1])
+    if n_esc:
+        rows = torch.repeat_interleave(torch.arange(n, device=sm.device), (ptr[1:] - ptr[:-1]).to(torch.int64))
+        words = esc[:n_esc].to(torch.int64)
+        bits[rows, words & 0xFFFF] = ((words >> 16) & 0xFFFF).to(torch.int32)
+    return bits.to(torch.int16).view(torch.bfloat16)
+
+
+def lossless3_linear_ref(x, sm, code, base, ptr, esc, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, decode3_ref(sm, code, base, ptr, esc).to(x.dtype), bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,10 +447,132 @@ if HAS_TRITON:
             tl.store(out_ptr + rn_in.to(tl.int64) * K + col, v, mask=has)
 
 
+    # -- code3 ----------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _ll3_group(code_ptrs, E, mask, MASKED: tl.constexpr):
+        """The 24-bit code groups of a tile (three byte planes E apart) as int32."""
+        if MASKED:
+            b0 = tl.load(code_ptrs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
+            b1 = tl.load(code_ptrs + E, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
+            b2 = tl.load(code_ptrs + 2 * E, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
+        else:
+            b0 = tl.load(code_ptrs, eviction_policy="evict_first").to(tl.int32)
+            b1 = tl.load(code_ptrs + E, eviction_policy="evict_first").to(tl.int32)
+            b2 = tl.load(code_ptrs + 2 * E, eviction_policy="evict_first").to(tl.int32)
+        return b0 | (b1 << 8) | (b2 << 16)
+
+    @triton.jit
+    def _ll3_place_sm(sb):
+        """uint8 sign|mantissa bytes -> int32 with the byte at bits 16..23 and its sign replicated over 24..31: one
+        PRMT per weight (sign-replicating selector nibble 8|i), where the compiler emits a sign-extending PRMT, a
+        shift and leaves the mask to the caller either way. Four packed bytes in, four words out (pack=4)."""
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $4, 0, 0x8044; prmt.b32 $1, $4, 0, 0x9144; prmt.b32 $2, $4, 0, 0xA244; "
+            "prmt.b32 $3, $4, 0, 0xB344;",
+            "=r,=r,=r,=r,r", [sb], dtype=tl.int32, is_pure=True, pack=4)
+
+    @triton.jit
+    def _ll3_x_f32(xb):
+        """bf16 -> fp32 as one shift or one mask per element (two packed bf16 per register, pack=2): the compiler's
+        conversion extracts the high half with a PRMT before shifting it."""
+        return tl.inline_asm_elementwise("shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000;", "=r,=r,r", [xb],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+
+    @triton.jit
+    def _ll3_f32(c23, sb, base23, ASM: tl.constexpr):
+        """Codes at bits 23..25 + sign|mantissa bytes (uint8) -> the bf16 values as fp32 (exact)."""
+        if ASM:
+            return ((_ll3_place_sm(sb) & -2139095041) + c23 + base23).to(tl.float32, bitcast=True)
+        return _ll_f32(c23, sb.to(tl.int32), base23)
+
+    @triton.jit
+    def _ll3_escapes(x_row, ptr_ptr, esc_ptr, rn, rn_in, N, p, BLOCK_T: tl.constexpr):
+        """Per row: sum over its escapes of (w - P) x[col], P the placeholders' value. The row's escapes are
+        contiguous, so a [rows, BLOCK_T] tile of them loads with no dependence between lanes (one or two
+        iterations at 2% escapes), unlike a loop over escapes one at a time."""
+        start = tl.load(ptr_ptr + rn_in)
+        cnt = tl.where(rn < N, tl.load(ptr_ptr + rn_in + 1) - start, 0)
+        rt = tl.arange(0, BLOCK_T)
+        corr = tl.zeros([rn.shape[0], BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, tl.max(cnt, axis=0), BLOCK_T):
+            has = (t0 + rt)[None, :] < cnt[:, None]
+            word = tl.load(esc_ptr + start[:, None] + t0 + rt[None, :], mask=has, other=0)
+            w = (word & -65536).to(tl.float32, bitcast=True)  # the exact bf16 bits, as fp32
+            xv = tl.load(x_row + (word & 0xFFFF), mask=has, other=0.0).to(tl.float32)
+            corr += tl.where(has, w * xv - p * xv, 0.0)
+        return tl.sum(corr, axis=1)
+
+    @triton.jit
+    def _ll3_gemv(x_ptr, sm_ptr, code_ptr, base_ptr, ptr_ptr, esc_ptr, b_ptr, y_ptr,
+                  N, K, E, stride_xm, stride_ym,
+                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_T: tl.constexpr, ASM: tl.constexpr):
+        """One x row per program (axis 0: consecutive programs share a weight tile, so rows 2..M read it from L2).
+        A step decodes 8 segments x [BLOCK_N, BLOCK_K] positions: code c of segment s is (g << 23 - 3 s) & 7 << 23
+        (one shift, one mask), then the 4-bit kernel's byte placement and one add."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_in = tl.where(rn < N, rn, 0)
+        rk = tl.arange(0, BLOCK_K)
+        base23 = tl.load(base_ptr) << 23
+        row64 = rn_in[:, None].to(tl.int64)
+        sm_ptrs = sm_ptr + row64 * K + rk[None, :]
+        c_ptrs = code_ptr + row64 * (3 * E) + rk[None, :]
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+        x_ptrs = x_row + rk
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for j0 in range(0, E, BLOCK_K):
+            k_in = (j0 + rk) < E
+            g = _ll3_group(c_ptrs, E, k_in[None, :], not EVEN_K)
+            for s in tl.static_range(8):
+                if EVEN_K:
+                    sb = tl.load(sm_ptrs + s * E, eviction_policy="evict_first")
+                    xs = tl.load(x_ptrs + s * E)
+                else:
+                    sb = tl.load(sm_ptrs + s * E, mask=k_in[None, :], other=0, eviction_policy="evict_first")
+                    xs = tl.load(x_ptrs + s * E, mask=k_in, other=0.0)
+                xs = _ll3_x_f32(xs) if ASM else xs.to(tl.float32)
+                acc += _ll3_f32((g << (23 - 3 * s)) & 58720256, sb, base23, ASM) * xs[None, :]  # 0x03800000
+            sm_ptrs += BLOCK_K
+            c_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        y = tl.sum(acc, axis=1)
+        y += _ll3_escapes(x_row, ptr_ptr, esc_ptr, rn, rn_in, N, base23.to(tl.float32, bitcast=True), BLOCK_T)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn_in).to(tl.float32)
+        tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+    @triton.jit
+    def _ll3_decode(sm_ptr, code_ptr, base_ptr, out_ptr, N, K, E, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rj = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rn < N)[:, None] & (rj < E)[None, :]
+        row64 = rn[:, None].to(tl.int64)
+        base = tl.load(base_ptr)
+        g = _ll3_group(code_ptr + row64 * (3 * E) + rj[None, :], E, mask, True)
+        for s in tl.static_range(8):
+            sb = tl.load(sm_ptr + row64 * K + s * E + rj[None, :], mask=mask, other=0).to(tl.int32)
+            tl.store(out_ptr + row64 * K + s * E + rj[None, :], _ll_bits16((g >> (3 * s)) & 7, sb, base), mask=mask)
+
+    @triton.jit
+    def _ll3_scatter(ptr_ptr, esc_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Writes the escapes over the placeholders that _ll3_decode left (run after it, same stream)."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_in = tl.where(rn < N, rn, 0)
+        start = tl.load(ptr_ptr + rn_in)
+        cnt = tl.where(rn < N, tl.load(ptr_ptr + rn_in + 1) - start, 0)
+        rt = tl.arange(0, BLOCK_T)
+        for t0 in range(0, tl.max(cnt, axis=0), BLOCK_T):
+            has = (t0 + rt)[None, :] < cnt[:, None]
+            word = tl.load(esc_ptr + start[:, None] + t0 + rt[None, :], mask=has, other=0)
+            tl.store(out_ptr + rn_in[:, None].to(tl.int64) * K + (word & 0xFFFF), (word >> 16).to(tl.int16), mask=has)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------------------------------
-TUNED: dict = {}  # (device key, m bucket, N, K) -> {"kernel": "gemv" | "dot", LaunchConfig fields}; from the bench
+TUNED: dict = {}  # (device key, m bucket, N, K) -> {"kernel": "gemv" | "dot", LaunchConfig fields}; (.., "code3") -> fields
 
 
 def gemv_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
@@ -418,6 +636,76 @@ def ll_decode(sm, code, base, ptr, col, val, out: torch.Tensor | None = None) ->
                                                             num_warps=4)
     _ll_scatter[(triton.cdiv(n, 64),)](ptr, col, val, bits, n, k, BLOCK_N=64, num_warps=2)
     return out
+
+
+GEMV3_M = int(os.environ.get("HF_ACCEL_LOSSLESS3_GEMV_M", "16"))  # code3: rows served by the GEMV; above: decode
+ASM3 = os.environ.get("HF_ACCEL_LOSSLESS3_ASM", "1") != "0"  # inline PTX in the code3 GEMV (see _ll3_place_sm)
+
+
+def gemv3_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
+    """BLOCK_K counts positions of one segment (K / 8): a step reads 8 BLOCK_K weights per row. 32 elements of a
+    [BLOCK_N, BLOCK_K] byte tile per thread (two rows each) keep the SASS at ~7.5 instructions per weight (NOTES)."""
+    e = k // 8
+    block_k = min(128, max(16, triton.next_power_of_2(e))) if HAS_TRITON else 128
+    for block_n, warps in ((32, 4), (16, 2), (8, 1)):
+        if -(-n // block_n) >= 2 * sms:
+            break
+    return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=warps)
+
+
+def _check3(x2, sm, code):
+    _check(x2, sm)
+    if not code3_supported(sm.shape[1]) or code.shape != (sm.shape[0], 3 * (sm.shape[1] // 8)):
+        raise ValueError(f"code3 plane {tuple(code.shape)} does not match the weight {tuple(sm.shape)}")
+
+
+def ll3_gemv(x2, sm, code, base, ptr, esc, bias, cfg: LaunchConfig | None = None, out=None,
+             asm: bool | None = None) -> torch.Tensor:
+    """asm: the inline-PTX byte placement and x conversion (default: on CUDA unless HF_ACCEL_LOSSLESS3_ASM=0;
+    the interpreter runs the plain Triton expressions, which compute the same bits)."""
+    asm = (ASM3 and not interpreting()) if asm is None else asm
+    m, k = x2.shape
+    _check3(x2, sm, code)
+    n, e = sm.shape[0], k // 8
+    cfg = cfg or gemv3_default(m, n, k, sm_count(x2.device))
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype) if out is None else out
+    grid = (m, triton.cdiv(n, cfg.block_n))
+    _ll3_gemv[grid](x2, sm, code, base, ptr, esc, bias if bias is not None else x2, y, n, k, e,
+                    x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, EVEN_K=e % cfg.block_k == 0,
+                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=32, ASM=asm, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
+    return y
+
+
+def ll3_decode(sm, code, base, ptr, esc, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The bf16 weight of a code3 layer, bit-identical to the original (two launches: planes, then escapes)."""
+    n, k = sm.shape
+    e = k // 8
+    out = torch.empty(n, k, device=sm.device, dtype=torch.bfloat16) if out is None else out
+    bits = out.view(torch.int16)
+    _ll3_decode[(triton.cdiv(n, 16), triton.cdiv(e, 64))](sm, code, base, bits, n, k, e, BLOCK_N=16, BLOCK_K=64,
+                                                           num_warps=4)
+    _ll3_scatter[(triton.cdiv(n, 16),)](ptr, esc, bits, n, k, BLOCK_N=16, BLOCK_T=32, num_warps=4)
+    return out
+
+
+def lossless3_linear_triton(x, sm, code, base, ptr, esc, bias, exact: bool = False) -> torch.Tensor:
+    x2 = flatten(x)
+    m, n = x2.shape[0], sm.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    if not exact and m <= GEMV3_M:
+        hit = TUNED.get((_device_key(x2.device), _m_bucket(m), n, x2.shape[1], "code3"))
+        y = ll3_gemv(x2, sm, code, base, ptr, esc, bias, LaunchConfig(**hit) if hit else None)
+    else:
+        y = F.linear(x2, ll3_decode(sm, code, base, ptr, esc), bias)
+    return y.view(*x.shape[:-1], n)
+
+
+def _device_key(device):
+    from ._base import device_key
+
+    return device_key(device)
 
 
 def _m_bucket(m: int) -> int:
@@ -491,6 +779,44 @@ def _backward(ctx, grad):
 
 
 lossless_linear.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("hf_accel::lossless3_linear", mutates_args=())
+def lossless3_linear(x: torch.Tensor, sm: torch.Tensor, code: torch.Tensor, base: torch.Tensor, ptr: torch.Tensor,
+                     esc: torch.Tensor, bias: Optional[torch.Tensor], exact: bool) -> torch.Tensor:
+    """y = x @ W.T + bias with W stored in the code3 layout; as `lossless_linear` (GEMV for up to GEMV3_M rows on
+    CUDA, decode + F.linear above, with `exact` and on the CPU)."""
+    if use_triton(x):
+        return lossless3_linear_triton(x, sm, code, base, ptr, esc, bias, exact)
+    return lossless3_linear_ref(x, sm, code, base, ptr, esc, bias)
+
+
+@lossless3_linear.register_fake
+def _(x, sm, code, base, ptr, esc, bias, exact):
+    return x.new_empty(*x.shape[:-1], sm.shape[0])
+
+
+def _setup3(ctx, inputs, output):
+    x, sm, code, base, ptr, esc, bias, exact = inputs
+    ctx.save_for_backward(sm, code, base, ptr, esc)
+    ctx.has_bias = bias is not None
+
+
+def _backward3(ctx, grad):
+    w = lossless3_decode(*ctx.saved_tensors)
+    gx = grad @ w.to(grad.dtype)
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return gx, None, None, None, None, None, gb, None
+
+
+lossless3_linear.register_autograd(_backward3, setup_context=_setup3)
+
+
+def lossless3_decode(sm, code, base, ptr, esc) -> torch.Tensor:
+    """The bf16 weight of a code3 layer: the Triton decode kernel on CUDA, the torch reference elsewhere."""
+    if triton_can_run(sm):
+        return ll3_decode(sm, code, base, ptr, esc)
+    return decode3_ref(sm, code, base, ptr, esc)
 
 
 def lossless_decode(sm, code, base, ptr, col, val) -> torch.Tensor:
