@@ -332,7 +332,7 @@ if HAS_TRITON:
     def _s24_mma(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, G, STEPS, stride_xm, stride_vn, stride_mn, stride_ym,
                  out_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BKG: tl.constexpr, FIXUP: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 XPAD: tl.constexpr, INTERPRET: tl.constexpr):
         """Tensor cores on the decompressed tile: acc[n, m] += W[n, k-block] @ x^T[k-block, m], W's tile expanded
         in registers from contiguous word and meta-byte loads (`_dense_tile`) and fed as the MMA's A operand ("swap
         AB": W rows fill the MMA's M dimension, the few x rows its N, padded to BLOCK_M >= 16 by re-reading row 0).
@@ -354,18 +354,20 @@ if HAS_TRITON:
         w_ptrs = v_ptr + rn_in[:, None].to(tl.int64) * stride_vn + (g_first + rg)[None, :]
         mt_ptrs = m_ptr + rn_in[:, None].to(tl.int64) * stride_mn + (g_first // 8 + rc)[None, :]
         x_ptrs = x_ptr + rm_in[None, :].to(tl.int64) * stride_xm + (4 * g_first + rk)[:, None]  # [4·BKG, BM]
+        # XPAD (M % BLOCK_M != 0): padding rows zero-filled by the copy, not fetched (M = 1: 1/16 of the x traffic)
+        x_rows = (rm < M)[None, :] | (not XPAD)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         xdt = x_ptr.dtype.element_ty
         for step in range(0, STEPS):
             if EVEN:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
                 mb = tl.load(mt_ptrs, eviction_policy="evict_first")
-                xt = tl.load(x_ptrs)
+                xt = tl.load(x_ptrs, mask=x_rows, other=0.0)
             else:
                 g0 = g_first + step * BKG
                 w = tl.load(w_ptrs, mask=(g0 + rg < G)[None, :], other=0, eviction_policy="evict_first")
                 mb = tl.load(mt_ptrs, mask=(g0 + 8 * rc < G)[None, :], other=0, eviction_policy="evict_first")
-                xt = tl.load(x_ptrs, mask=(4 * g0 + rk < 4 * G)[:, None], other=0.0)
+                xt = tl.load(x_ptrs, mask=(4 * g0 + rk < 4 * G)[:, None] & x_rows, other=0.0)
             acc = _dot(_dense_tile(w, mb, BLOCK_N, BKG, xdt), xt, acc, INTERPRET)
             w_ptrs += BKG
             mt_ptrs += BKG // 8
@@ -546,7 +548,7 @@ def sparse24_launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
     if kind == "mma":
         counters = _tile_counters(x2.device, grid[0] * grid[1]) if split > 1 and MMA_FIXUP else None
         _s24_mma[grid](*args, y, counters if counters is not None else words, FIXUP=counters is not None,
-                       INTERPRET=interpreting(), **common)
+                       XPAD=m % cfg.block_m != 0, INTERPRET=interpreting(), **common)
         if counters is not None:
             return y
     elif kind == "dot":
