@@ -11,33 +11,35 @@ Bytes per weight: 0.5 (bf16 values) + 0.0625 (meta) = 0.5625x dense bf16.
 
 Kernels (each checked against `sparse24_linear_ref` under TRITON_INTERPRET=1, tests/test_sparse24_kernel.py). The
 values are read as int32 words, one word = one group's pair (little-endian: v0 = low half, v1 = high half), so a
-[BLOCK_N, BKG] word tile (BKG = BLOCK_K/4 groups) is one contiguous, vectorisable load per row and is read once;
-the meta byte of group g is loaded through a 2-D pointer grid at g // 2 (each byte twice, the repeat from L1) and
-shifted by 4·(g % 2). Nothing is reshaped: x is read as four "planes" x_j[m, g] = x[m, 4g + j] (strided loads of
-the small activation tile, shared by all BLOCK_N rows), and y = sum_g sum_j d_j[n, g] x_j[m, g] where the dense
-plane d_j[n, g] = W[n, 4g + j] = v0 if p0 == j, v1 if p1 == j, else 0. bf16 -> fp32 is integer work only
-(v0 = word << 16, v1 = word & 0xFFFF0000, bitcast); fp16 converts. fp32 accumulation, one rounding at the store.
-- `_s24_bgemv`, kind "xsel" (decode, M = 1..4 by default): never builds the dense tile: for each kept value it
-  selects the x element its position names (xa = x_{p0}, xb = x_{p1}: p0 in {0,1,2}, p1 in {1,2,3}, two selects
-  each) and does 2 FMAs per group and row: ~4.5 ALU ops per dense weight at M = 1 against ~7.5 when expanding.
-  BLOCK_M rows of x per program reuse each loaded tile from registers ([BLOCK_M, BLOCK_N, BKG] fp32 accumulator,
-  reduced once at the end, or every step with acc3=False).
-- `_s24_bgemv`, kind "planes" (M = 5..15): expands the four dense planes once per tile (6 selects per group) and
-  reuses them for every row: 4 FMAs per group and row instead of xsel's 4 selects + 2 FMAs.
-- `_s24_dot`, kind "dot" (M = 16..64): the four planes, built as 16-bit patterns in x's dtype, are the MMA's A
-  operand (W rows fill the MMA's M dimension, "swap AB" as in w8.py), the x planes x_j^T [BKG, BLOCK_M] the B
-  operand: acc += d_j @ x_j^T for j = 0..3, fp32 accumulator; tensor cores from M = 16 because a broadcast
-  multiply costs BLOCK_M FMAs per weight on the CUDA cores and the weight bytes stop being the limit there.
-- Every kernel has optional split-K (fp32 partials [S, M, N], then `_base.splitk_reduce`, which adds the bias):
-  for few output rows (k/v: 1024 rows = 128 programs of 8) the K reduction is spread over more programs.
+[BLOCK_N, BKG] word tile (BKG = BLOCK_K/4 groups) is one contiguous, vectorisable load per row and is read once.
+- `_s24_mma`, kind "mma" (the default for every M <= DOT_M when K % 32 == 0; measured reasons in kernels/NOTES.md):
+  the meta is read as int32 words (8 groups' nibbles each: a meta row must be whole words), the tile is expanded in
+  registers to the dense [BLOCK_N, 4·BKG] bf16/fp16 tile by masks and shifts (`_expand_24`: ~15 integer
+  instructions per group, no per-entry selects), put in column order by joins and in-thread reshapes, and fed to one
+  tl.dot per step as the MMA's A operand ("swap AB": W rows fill the MMA's M, x^T [4·BKG, BLOCK_M] is one contiguous
+  tile, BLOCK_M >= 16, padding rows zero-filled). Everything it loads goes through the cp.async pipeline
+  (num_stages). Split-K is reduced inside the kernel (`_fixup`: the last program of each tile adds the partials)
+  unless MMA_FIXUP is off or a CUDA graph is captured before any counters exist.
+The older kernels (kept: K % 32 != 0, comparisons) load the meta byte of group g at g // 2 (2-D pointer grid) and
+read x as four "planes" x_j[m, g] = x[m, 4g + j]; y = sum_g sum_j d_j[n, g] x_j[m, g] with the dense plane
+d_j[n, g] = W[n, 4g + j] = v0 if p0 == j, v1 if p1 == j, else 0. bf16 -> fp32 is integer work only (v0 = word << 16,
+v1 = word & 0xFFFF0000, bitcast); fp16 converts. fp32 accumulation, one rounding at the store.
+- `_s24_bgemv`, kind "xsel" (M = 1..4 when K % 32 != 0): never builds the dense tile: for each kept value it
+  selects the x element its position names (two selects each) and does 2 FMAs per group and row. BLOCK_M rows of x
+  per program reuse each loaded tile ([BLOCK_M, BLOCK_N, BKG] fp32 accumulator, or reduced every step: acc3=False).
+- `_s24_bgemv`, kind "planes" (M = 5..15): the four dense planes once per tile (6 selects per group), 4 FMAs per
+  group and row.
+- `_s24_dot`, kind "dot" (M = 16..64): the four planes as 16-bit patterns are the A operand of four dots per step
+  (measured 7.7% of copy bandwidth on the H200: x and meta loads outside the pipeline, 16-bit shared stores).
+- Split-K of the older kernels: fp32 partials [S, M, N], then `_base.splitk_reduce` (adds the bias).
 - M > DOT_M (64): decompress to a dense weight (torch), then cuBLAS; the pruning module uses the semi-structured
   (cuSPARSELt / CUTLASS) path for prefill instead.
 Tails: any N (rows past N re-read row 0 and are not stored); any K % 8 == 0 (groups past K masked). K % 8 != 0 is
 refused by `compress_24`. Known difference from the reference: "xsel" never reads the x entries at pruned
 positions, so an inf/NaN there does not propagate (the dense product's 0 * inf would).
 
-Launch configurations: `TUNED` (device, M bucket, N, K) -> {"kernel": "xsel" | "planes" | "dot" | "dense", LaunchConfig
-fields}, empty until `scripts/bench_prune.py` has swept the 8B shapes on the GPU; elsewhere `default_config`.
+Launch configurations: `TUNED` (device, M bucket, N, K) -> {"kernel": one of KINDS, LaunchConfig fields}, empty
+until `scripts/bench_prune.py` has swept the 8B shapes on the GPU; elsewhere `default_config`.
 """
 
 from __future__ import annotations
@@ -407,8 +409,9 @@ def _split_for(programs: int, steps: int, sms: int) -> int:
 
 def _split_for_warps(programs: int, warps: int, steps: int, sms: int, per_sm: int = 3) -> int:
     """Split-K for the "mma" kernel: doubled (at most 8, >= 2 steps per split) until the grid holds `per_sm` warps
-    per SM: one warp issues ~0.25 instructions per clock in this loop, and the SM must expand ~8.6 dense weights
-    per clock at 60% of copy bandwidth (~55 lane-instructions per clock at 6.5 per weight)."""
+    per SM. At 60% of copy bandwidth an H200 SM must expand ~8.6 dense weights per clock, ~55 lane-instructions
+    (1.7 warp-instructions) per clock at 6.5 per weight: more than one or two warps with this loop's dependent
+    chains and wgmma waits can issue, so q/o and down (64-128 programs) get split. per_sm = 3 is a guess to tune."""
     split = 1
     while programs * warps * split < per_sm * sms and split < 8 and steps >= 2 * split:
         split *= 2

@@ -340,6 +340,8 @@ def test_kernel_rows_option():
 # ---------------------------------------------------------------------------------------------------------------
 GPU_CASES = [(kind, "bf16", m, n, k, {}) for kind, m in (("xsel", 1), ("xsel", 4), ("planes", 8), ("dot", 16),
                                                         ("dot", 32)) for n, k in ((1024, 4096), (4096, 14336))]
+GPU_CASES += [("mma", "bf16", m, n, k, over) for m in (1, 5, 16, 32) for n, k in ((1024, 4096), (4096, 14336))
+              for over in ({}, dict(block_n=64, num_warps=4, split_k=4), dict(block_n=128, num_warps=8, block_k=128))]
 GPU_CASES += [("op", "bf16", m, 14336, 4096, {}) for m in (1, 2, 16, 32, 64, 300)]
 
 
