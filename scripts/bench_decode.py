@@ -10,6 +10,14 @@ on the meta device and materialised on the GPU. Decode speed = batch x (N - 1) /
 `hf_accel.runtime.bench`. `--merge` adds the rows of an earlier JSON (a run split over two calls of one machine).
 Checks (`--checks`, with mode fast): greedy agreement with transformers in bf16 on the 8B model; 1,000 generate
 calls of random batch and lengths on a small model with no new capture, compile or memory.
+
+Full vs regional compile (`fast` = `--spec` as given, `fast_regional` = the same with `fast(compile=regional)`):
+every fast row records `compile_and_capture_s`, the seconds the runtime spent warming up (the first warm-up of a
+step compiles it) and capturing that row's graphs; `--cold-cache` gives each worker an empty inductor/Triton cache,
+so neither mode reuses kernels or tuning results the other (or an earlier run) left on disk.
+
+    python scripts/bench_decode.py --modes fast_regional fast --batch 1 8 --prompt 512 --cold-cache --profile \
+        --worker-timeout 280 --out /tmp/regional.json
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -33,7 +43,21 @@ SMALL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
              bos_token_id=1, eos_token_id=2)
 SHAPES = {"8b": LLAMA3_8B, "small": SMALL}
-MODES = {"hf_eager": {}, "hf_static": {"cache_implementation": "static"}, "fast": {}}
+MODES = {"hf_eager": {}, "hf_static": {"cache_implementation": "static"}, "fast": {}, "fast_regional": {}}
+FAST_MODES = ("fast", "fast_regional")  # the hf_accel runtime: compile as `--spec` says, or regional
+
+
+def spec_for(mode: str, spec: str) -> str:
+    """`--spec` for mode fast; for fast_regional the same plugins with the fast plugin's `compile=regional`."""
+    if mode != "fast_regional":
+        return spec
+    from hf_accel.spec import format_spec, parse_spec
+
+    items = parse_spec(spec)
+    if not any(name == "fast" for name, _ in items):
+        raise SystemExit(f"--spec {spec!r} has no 'fast' plugin to compile regionally")
+    return format_spec([(name, {**options, "compile": "regional"} if name == "fast" else options)
+                        for name, options in items])
 
 
 def build_model(shape: dict, dtype=None, device="cuda", seed: int = 0):
@@ -236,6 +260,20 @@ def reference_agreement(n_prompts: int, dtype: str, batch_size: int, device: str
 
 # --- one mode in one process ---------------------------------------------------------------------------------------
 
+def compile_and_capture(runtime, before: dict) -> dict:
+    """What a row's calls cost the runtime beyond running: warm-ups (the first one of a step compiles it) and graph
+    captures since `before` (a copy of `runtime.seconds`), and, regional, compiled entries per region function
+    (1 each: no recompile)."""
+    warmup = runtime.seconds["warmup"] - before.get("warmup", 0.0)
+    capture = runtime.seconds["capture"] - before.get("capture", 0.0)
+    out = {"compile_and_capture_s": warmup + capture, "compile_warmup_s": warmup, "capture_s": capture,
+           "compile": runtime.compile_mode}
+    regions = getattr(runtime, "_regions", None)
+    if regions is not None:
+        out["region_entries"] = regions.compiled_entries()
+    return out
+
+
 def worker(args) -> dict:
     from hf_accel.runtime.bench import copy_bandwidth, kv_bytes_per_token, measure, sync, weight_bytes_per_step
 
@@ -250,15 +288,21 @@ def worker(args) -> dict:
     result["kv_kb_per_token"] = kv_bytes_per_token(model) / 1e3
     json.dump(result, open(args.worker_out, "w"), indent=1)
     mode = args.worker
-    if mode == "fast":
+    fast = mode in FAST_MODES
+    checks = args.checks and mode == "fast"  # the correctness checks run with the default compile only
+    if fast:
         import hf_accel
+        from hf_accel.runtime import get_runtime
 
-        if args.checks:
+        if checks:
             prompts, expected = agreement_8b(model)
-        hf_accel.apply(model, args.spec)
+        result["spec"] = spec_for(mode, args.spec)
+        hf_accel.apply(model, result["spec"])
+        runtime = get_runtime(model)
     configs = sorted(((b, p) for b in args.batch for p in args.prompt), key=lambda c: c[0] * c[1])
     for batch, prompt in configs:
         t0 = time.perf_counter()
+        seconds = dict(runtime.seconds) if fast else {}
         try:
             row = measure(model, mode, batch, prompt, args.new_tokens, repeats=args.repeats, copy_bw=copy_bw,
                           **MODES[mode])
@@ -267,23 +311,23 @@ def worker(args) -> dict:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         row["config_wall_s"] = time.perf_counter() - t0
+        if fast:
+            row.update(compile_and_capture(runtime, seconds))
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
         json.dump(result, open(args.worker_out, "w"), indent=1)  # a worker killed at a time limit keeps its rows
-    if mode == "fast":
-        from hf_accel.runtime import get_runtime
-
-        result["checks"]["runtime_stats"] = dict(get_runtime(model).stats)
+    if fast:
+        result["checks"]["runtime_stats" if mode == "fast" else f"runtime_stats_{mode}"] = dict(runtime.stats)
         if args.profile:
             result["profile"] = profile(model)
             json.dump(result, open(args.worker_out, "w"), indent=1)
-        if args.checks:
-            result["checks"].update(compare_agreement(model, prompts, expected))
-            json.dump(result, open(args.worker_out, "w"), indent=1)
+    if checks:
+        result["checks"].update(compare_agreement(model, prompts, expected))
+        json.dump(result, open(args.worker_out, "w"), indent=1)
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    if mode == "fast" and args.checks:
+    if checks:
         result["checks"].update(thousand_calls(args.calls, device=args.device))
     json.dump(result, open(args.worker_out, "w"), indent=1)
     return result
@@ -316,6 +360,17 @@ def summarize(report: dict) -> dict:
         s["goal_bs1_180_tok_s_met"] = s["fast_bs1_p512_tok_s"] >= 180
     s["copy_bandwidth_tb_s"] = round(report.get("copy_bandwidth_tb_s", float("nan")), 3)
     s["weight_gb_per_step"] = round(report.get("weight_gb_per_step", float("nan")), 2)
+    for r in rows:
+        if "compile_and_capture_s" in r:
+            s[f"{key(r['mode'], r['batch'], r['prompt'])}_compile_and_capture_s"] = round(r["compile_and_capture_s"], 1)
+    for k, r in tok.items():  # regional against full, same batch and prompt
+        full = tok.get(k.replace("fast_regional_", "fast_", 1)) if r["mode"] == "fast_regional" else None
+        if full is not None:
+            tail = f"bs{r['batch']}_p{r['prompt']}"
+            s[f"regional_vs_full_tok_s_{tail}"] = round(r["decode_tok_s"] / full["decode_tok_s"], 3)
+            if full.get("compile_and_capture_s") and r.get("compile_and_capture_s"):
+                s[f"full_over_regional_compile_s_{tail}"] = round(full["compile_and_capture_s"]
+                                                                  / r["compile_and_capture_s"], 1)
     fast_rows = [r for r in rows if r["mode"] == "fast"]
     if fast_rows:
         s["fast_warmup_s_first_config"] = round(fast_rows[0]["warmup_s"], 1)
@@ -323,14 +378,16 @@ def summarize(report: dict) -> dict:
     for k, v in report.get("checks", {}).items():
         if isinstance(v, (int, float, bool)):
             s[k] = round(v, 4) if isinstance(v, float) else v
-    prof = report.get("profile")
-    if prof:
-        s["profile_bs1_graph_step_ms"] = round(prof["graph_step_ms"], 3)
-        s["profile_bs1_kernel_ms"] = round(prof["kernel_ms_per_step"], 3)
-        s["profile_bs1_launch_gap_ms"] = round(prof["launch_gap_ms_per_step"], 3)
-        s["profile_bs1_matmul_tb_s"] = round(prof["matmul_tb_s"], 3)
+    for prefix, prof in (("profile", report.get("profile")), ("profile_regional", report.get("profile_fast_regional"))):
+        if not prof:
+            continue
+        s[f"{prefix}_bs1_graph_step_ms"] = round(prof["graph_step_ms"], 3)
+        s[f"{prefix}_bs1_kernel_ms"] = round(prof["kernel_ms_per_step"], 3)
+        s[f"{prefix}_bs1_kernels_per_step"] = prof["kernels_per_step"]
+        s[f"{prefix}_bs1_launch_gap_ms"] = round(prof["launch_gap_ms_per_step"], 3)
+        s[f"{prefix}_bs1_matmul_tb_s"] = round(prof["matmul_tb_s"], 3)
         for kind, v in prof.get("by_kind", {}).items():
-            s[f"profile_bs1_ms_{kind.split()[0].replace('/', '_')}"] = v["ms_per_step"]
+            s[f"{prefix}_bs1_ms_{kind.split()[0].replace('/', '_')}"] = v["ms_per_step"]
     s.update(gpu=report.get("gpu"), versions=report.get("versions"), date=report.get("date"),
              command=report.get("command"))
     return s
@@ -345,9 +402,9 @@ def plot(report: dict, path: str) -> None:
     rows = [r for r in report["rows"] if "decode_tok_s" in r]
     prompts = sorted({r["prompt"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
-    modes = [m for m in ("hf_eager", "hf_static", "fast") if any(r["mode"] == m for r in rows)]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     labels = {"hf_eager": "transformers (dynamic cache)", "hf_static": "transformers static cache + compile",
-              "fast": "hf_accel fast"}
+              "fast": "hf_accel fast", "fast_regional": "hf_accel fast, regional compile"}
     fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4), squeeze=False)
     width = 0.8 / len(modes)
     for ax, prompt in zip(axes[0], prompts):
@@ -383,6 +440,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=list(SHAPES), default="8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true", help="kernel time table of the batch-1 fast decode step")
+    ap.add_argument("--cold-cache", action="store_true",
+                    help="each worker compiles into an empty inductor/Triton cache (honest first-compile times)")
     ap.add_argument("--out", default="benchmarks/results/bench_decode.json")
     ap.add_argument("--merge", help="an earlier result JSON whose rows (of other modes) are kept")
     ap.add_argument("--plot", help="only redraw the PNG of this JSON")
@@ -415,20 +474,27 @@ def main() -> None:
         report["rows"] = [r for r in old["rows"] if (r["mode"], r["batch"], r["prompt"]) not in again]
         report["checks"] = old.get("checks", {}) if "fast" not in args.modes else {}
         report["merged_from"] = {"command": old.get("command"), "date": old.get("date")}
-        for k, v in old.items():  # the earlier run's profile and per-mode copy bandwidths
-            if k == "profile" or k.endswith("_copy_bandwidth_tb_s") or k == "merged_from":
+        for k, v in old.items():  # the earlier run's profiles and per-mode copy bandwidths
+            if k.startswith("profile") or k.endswith("_copy_bandwidth_tb_s") or k == "merged_from":
                 report.setdefault("earlier_" + k if k == "merged_from" else k, v)
     for mode in args.modes:
         tmp = f"{args.out}.{mode}.tmp"
         cmd = [sys.executable, __file__, "--worker", mode, "--worker-out", tmp, "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats), "--spec", args.spec, "--calls", str(args.calls), "--shape", args.shape,
-               "--device", args.device, *(["--profile"] if args.profile and mode == "fast" else []),
+               "--device", args.device, *(["--profile"] if args.profile and mode in FAST_MODES else []),
                "--batch", *map(str, args.batch), "--prompt", *map(str, args.prompt)] + (["--checks"] if args.checks else [])
         print(f"== {mode}", flush=True)
+        env, cache = dict(os.environ), None
+        if args.cold_cache:  # nothing compiled or tuned before (by the other mode, or an earlier run) is reused
+            cache = tempfile.mkdtemp(prefix=f"inductor_{mode}_")
+            env.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
         try:
-            rc = subprocess.run(cmd, timeout=args.worker_timeout).returncode
+            rc = subprocess.run(cmd, timeout=args.worker_timeout, env=env).returncode
         except subprocess.TimeoutExpired:  # the worker wrote its rows so far
             rc = f"timeout after {args.worker_timeout} s"
+        finally:
+            if cache:
+                shutil.rmtree(cache, ignore_errors=True)
         if not os.path.exists(tmp):
             report["rows"].append({"mode": mode, "error": f"worker exited with {rc}"})
             continue
@@ -439,7 +505,7 @@ def main() -> None:
         report["rows"] += result["rows"]
         report["checks"].update(result["checks"])
         if "profile" in result:
-            report["profile"] = result["profile"]
+            report["profile" if mode == "fast" else f"profile_{mode}"] = result["profile"]
         for k in ("copy_bandwidth_tb_s", "weight_gb_per_step", "kv_kb_per_token"):
             report[k] = result.get(k)
         report[f"{mode}_copy_bandwidth_tb_s"] = result["copy_bandwidth_tb_s"]

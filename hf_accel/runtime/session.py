@@ -11,13 +11,15 @@ for a length: the KV slot, positions and the mask are computed on the device fro
 On the GPU the step's model forward goes through torch.compile (dynamic in batch and capacity, so new buckets do
 not recompile; coordinate-descent tuning turns batch-1 matmuls into Triton GEMVs that fuse with a quantized
 weight's dequantisation) and the whole step, sampling included, is captured as one CUDA graph. On the CPU the same
-functions run eagerly.
+functions run eagerly. `compile="full"` (or True) compiles the step's forward as one graph; `compile="regional"`
+compiles one decoder layer and reuses it for every layer (a fraction of the first compile's time; regional.py).
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import time
 import warnings
 
 import torch
@@ -26,6 +28,7 @@ from ..compat import cache_kwarg
 from ..distributed import local_kv_heads, offload_reason
 from .attention import as_kind, mask_kind, prefill_mask, use_fast_attention
 from .cache import KV_LAYER_ATTR, KVCache, KVPool, StaticKVLayer, Unsupported
+from .regional import Regions, compile_mode, regional_unsupported
 from .sampling import SamplingPlan, StepKey, choose, process
 
 
@@ -109,12 +112,22 @@ def sample_and_record(logits: torch.Tensor, st: State, key: StepKey) -> None:
     st.slot.add_(1)
 
 
-def forward_tokens(model, cache, tokens, positions, slots, prompt_valid, prompt_len, window: int, kind: str, dtype):
-    """Logits [B, Q, V] of Q new tokens whose K/V go to `slots` (the cache's layers were pointed at `slots`)."""
-    mask = cache.decode_mask(prompt_valid, prompt_len, slots, window, kind, dtype)  # the layers may store their own way
+def decode_step_mask(cache, slots, prompt_valid, prompt_len, window: int, kind: str, dtype):
+    """The decode step's mask [B, 1, Q, C] (the cache's layers may store their own way: `KVCache.decode_mask`)."""
+    return cache.decode_mask(prompt_valid, prompt_len, slots, window, kind, dtype)
+
+
+def decode_logits(model, cache, tokens, positions, mask):
+    """Logits [B, Q, V] of Q new tokens under `mask` (the cache's layers were pointed at their slots)."""
     out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
                 **{cache_kwarg(model): cache})
     return out.logits
+
+
+def forward_tokens(model, cache, tokens, positions, slots, prompt_valid, prompt_len, window: int, kind: str, dtype):
+    """Logits [B, Q, V] of Q new tokens whose K/V go to `slots` (the cache's layers were pointed at `slots`)."""
+    mask = decode_step_mask(cache, slots, prompt_valid, prompt_len, window, kind, dtype)
+    return decode_logits(model, cache, tokens, positions, mask)
 
 
 def forward_tokens_batched(*args):
@@ -137,19 +150,44 @@ def tree_mask(prompt_valid, prompt_len, base, depth, visible, window: int | None
     return as_kind((before | inside)[:, None], "additive" if kind == "fast" else kind, dtype)
 
 
-def forward_tree(model, cache, tokens, positions, slots, base, depth, visible, prompt_valid, prompt_len,
-                 window: int, kind: str, dtype):
-    """Logits [B, Q, V] and the last hidden states [B, Q, H] (the lm_head's input) of the Q nodes of a draft tree
-    whose K/V go to `slots` = base + node index (see `tree_mask`; `positions` = the row's next position + depth)."""
-    mask = tree_mask(prompt_valid, prompt_len, base, depth, visible, window, kind, dtype)
+def tree_step_mask(cache, slots, base, depth, visible, prompt_valid, prompt_len, window: int, kind: str, dtype):
+    """`tree_mask` in the argument order of the step functions (cache and slots first, as `decode_step_mask`)."""
+    return tree_mask(prompt_valid, prompt_len, base, depth, visible, window, kind, dtype)
+
+
+def tree_outputs(model, cache, tokens, positions, mask):
+    """Logits [B, Q, V] and the last hidden states [B, Q, H] (the lm_head's input) of the Q tree nodes."""
     out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
                 output_hidden_states=True, **{cache_kwarg(model): cache})
     return out.logits, out.hidden_states[-1]
 
 
+def forward_tree(model, cache, tokens, positions, slots, base, depth, visible, prompt_valid, prompt_len,
+                 window: int, kind: str, dtype):
+    """Logits [B, Q, V] and the last hidden states [B, Q, H] (the lm_head's input) of the Q nodes of a draft tree
+    whose K/V go to `slots` = base + node index (see `tree_mask`; `positions` = the row's next position + depth)."""
+    mask = tree_step_mask(cache, slots, base, depth, visible, prompt_valid, prompt_len, window, kind, dtype)
+    return tree_outputs(model, cache, tokens, positions, mask)
+
+
 def forward_tree_batched(*args):
     """The tree step for batch > 1 (its own compile options, as `forward_tokens_batched`)."""
     return forward_tree(*args)
+
+
+class RegionalStep:
+    """`forward_tokens` (or `forward_tree`) for `compile="regional"`, same arguments: the mask builder runs compiled,
+    then the model runs eagerly with its decoder layers and glue modules routed through their compiled regions."""
+
+    def __init__(self, regions: Regions, single: bool, tree: bool):
+        self.regions, self.single, self.tree = regions, single, tree
+        self.mask = regions.compiled(tree_step_mask if tree else decode_step_mask, "mask", single, tree)
+        self.outputs = tree_outputs if tree else decode_logits
+
+    def __call__(self, model, cache, tokens, positions, slots, *mask_args):
+        mask = self.mask(cache, slots, *mask_args)
+        with self.regions.installed(cache, self.single, self.tree):
+            return self.outputs(model, cache, tokens, positions, mask)
 
 
 def move_slots(keys: list, values: list, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -166,9 +204,12 @@ def move_slots(keys: list, values: list, src: torch.Tensor, dst: torch.Tensor) -
 class Runtime:
     """Everything the fast path keeps for one model: KV pool, compiled forward, sessions and their graphs."""
 
-    def __init__(self, model, *, compile: bool = True, cuda_graphs: bool = True, prefill_tokens: int = 16384,
+    def __init__(self, model, *, compile: bool | str = True, cuda_graphs: bool = True, prefill_tokens: int = 16384,
                  lookahead: int = 2, decode_attention: str = "matmul", tune: bool = True):
         self.model = model
+        # True / "full": the step's forward as one graph; "regional": one compiled decoder layer, reused; False: eager
+        self.compile_mode = compile_mode(compile)
+        self.compile_backend = "inductor"  # tests count graphs with "eager" (no code generation)
         self.options = {"compile": compile, "cuda_graphs": cuda_graphs}
         self.init_options = dict(compile=compile, cuda_graphs=cuda_graphs, prefill_tokens=prefill_tokens,
                                  lookahead=lookahead, decode_attention=decode_attention, tune=tune)
@@ -180,6 +221,7 @@ class Runtime:
         self.prefill_tokens = prefill_tokens
         self.lookahead = lookahead
         self.stats = collections.Counter()  # captures, pool_moves, calls, fallbacks
+        self.seconds = collections.Counter()  # warmup (the first one compiles) and capture, summed over graphs
         self.disabled: str | None = None
         self.warned: set[str] = set()
         self.verified = False  # the first prefill proves that every layer writes through our cache
@@ -211,11 +253,12 @@ class Runtime:
         self.placement = placement
         self.device, self.dtype = placement[:2]
         self.cuda = self.device.type == "cuda"
-        self.use_compile = self.options["compile"] and self.cuda
+        self.use_compile = self.compile_mode is not None and self.cuda
         self.use_graphs = self.options["cuda_graphs"] and self.cuda
         self.kind = mask_kind(model)
         self.sessions = {}
         self._forward = {}  # batch == 1 -> step function
+        self._regions = None  # the compiled regions (compile="regional"), made with the first step function
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.pool = KVPool(self.config.num_hidden_layers, self.kv_heads, self.head_dim, self.dtype, self.device)
 
@@ -258,24 +301,49 @@ class Runtime:
         single = batch == 1
         key = (single, tree) if tree else single
         if key not in self._forward:
-            if self.use_compile:
-                fn = (forward_tree if single else forward_tree_batched) if tree else \
-                    (forward_tokens if single else forward_tokens_batched)
-                self._forward[key] = torch.compile(fn, options={"coordinate_descent_tuning": self.tune and single})
-            else:
-                self._forward[key] = forward_tree if tree else forward_tokens
+            self._forward[key] = self._step_fn(single, tree)
         return self._forward[key]
+
+    def _step_fn(self, single: bool, tree: bool):
+        if not self.use_compile:
+            return forward_tree if tree else forward_tokens
+        regions = self.regions()
+        if regions is not None:
+            return RegionalStep(regions, single, tree)
+        fn = (forward_tree if single else forward_tree_batched) if tree else \
+            (forward_tokens if single else forward_tokens_batched)
+        return self.compile(fn, tune=self.tune and single)
+
+    def compile(self, fn, tune: bool = False):
+        """torch.compile with the runtime's backend; coordinate-descent tuning only where asked (batch 1)."""
+        options = {"options": {"coordinate_descent_tuning": tune}} if self.compile_backend == "inductor" else {}
+        return torch.compile(fn, backend=self.compile_backend, **options)
+
+    def regions(self) -> Regions | None:
+        """The compiled regions under compile="regional" (None: the full compile; also, with a warning, for a
+        model whose layers a one-layer cache cannot serve)."""
+        if self.compile_mode != "regional":
+            return None
+        if self._regions is None:
+            reason = regional_unsupported(self.model)
+            if reason:
+                self.warn(f"compile='regional' cannot serve {type(self.model).__name__} ({reason}); it gets the full "
+                          "compile")
+                self.compile_mode = "full"
+                return None
+            self._regions = Regions(self.model, self.tune, self.compile_backend)
+        return self._regions
 
     def move_fn(self):
         """`move_slots`, compiled on CUDA (inductor fuses each layer's gather and scatter)."""
         if "move" not in self._forward:
-            self._forward["move"] = torch.compile(move_slots) if self.use_compile else move_slots
+            self._forward["move"] = self.compile(move_slots) if self.use_compile else move_slots
         return self._forward["move"]
 
     def uncompile(self, error: BaseException) -> None:
         self.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); the decode step runs eagerly "
                   "inside its CUDA graph")
-        self.use_compile, self._forward = False, {}
+        self.use_compile, self._forward, self._regions = False, {}, None
 
     def warn(self, message: str) -> None:
         if message not in self.warned:
@@ -406,6 +474,7 @@ class Session:
         rt = self.rt
         if rt.use_compile:
             self._mark_dynamic()
+        start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with use_fast_attention(rt.model, rt.decode_attention), torch.cuda.stream(stream):
@@ -421,6 +490,9 @@ class Session:
                 if reset is not None:
                     reset()
         torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()  # once per graph: the warm-up's (compile's) time apart from the capture's
+        warmed = time.perf_counter()
+        rt.seconds["warmup"] += warmed - start
         graph = torch.cuda.CUDAGraph()
         try:
             with use_fast_attention(rt.model, rt.decode_attention), torch.cuda.graph(graph, pool=rt._mempool):
@@ -428,6 +500,8 @@ class Session:
         except Exception as e:
             raise Unsupported(f"could not capture the decode step of {type(rt.model).__name__} as a CUDA graph "
                               f"({type(e).__name__}: {str(e)[:300]})") from e
+        torch.cuda.synchronize()
+        rt.seconds["capture"] += time.perf_counter() - warmed
         rt.stats["captures"] += 1
         self.graphs[key] = graph
 

@@ -8,6 +8,7 @@ attaches a `Runtime` to the model and patches `model.generate` on the instance, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from hf_accel.errors import OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
@@ -23,7 +24,9 @@ class FastRuntime(Plugin):
     family = Family.RUNTIME
     conflicts_with = ("family:runtime",)
 
-    compile: bool = True  # torch.compile the decode step's forward (CUDA only)
+    # torch.compile the decode step's forward (CUDA only): True or "full", the whole forward as one graph;
+    # "regional", one decoder layer compiled and reused by every layer (first compile ~1 layer's); False: eager
+    compile: bool | Literal["full", "regional"] = True
     cuda_graphs: bool = True  # capture each decode step as one CUDA graph (CUDA only)
     prefill_tokens: int = 16384  # prompt tokens per prefill forward: long batches are prefilled in groups of rows
     lookahead: int = 2  # decode steps queued ahead of the host's EOS / streaming read-back
