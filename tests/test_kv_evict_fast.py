@@ -141,10 +141,10 @@ def test_memory_scales_with_the_budget(policy):
 # --- what stays in transformers' loop, multi-turn, remove -----------------------------------------------------------
 
 def test_unserved_combinations_fall_back():
-    """snapkv+kvquant, h2o and adakv have no fast layers: their calls run transformers' loop with the existing
-    warning and give what the plugins alone give."""
+    """snapkv+kvquant and adakv have no fast layers: their calls run transformers' loop with the existing warning and
+    give what the plugins alone give (h2o has its layer: test_kv_h2o_fast.py)."""
     for spec in ("snapkv(budget=48, window=4, slack=0)+kvquant(bits=8, group=16, residual=4)",
-                 "h2o(budget=24, recent=8, slack=0)"):
+                 "adakv(budget=24, window=4)"):
         alone, fast = models("llama", spec)
         ids, mask = padded_batch([40, 17], 2)
         expected = greedy(alone, ids, mask, 20)

@@ -1,4 +1,4 @@
-"""`snapkv+fast`, `sink+fast`: prompt eviction inside the fast runtime, with layers as small as what they keep.
+"""`snapkv+fast`, `sink+fast`, `h2o+fast`: eviction inside the fast runtime, with layers as small as what they keep.
 
 The runtime (hf_accel/runtime/__init__.py, contract point 2) asks this factory for one layer per decoder layer and
 bucket. `kv_capacity(T, new)` sizes them: the prompt tokens the policy keeps plus the new tokens, rounded up to
@@ -35,9 +35,36 @@ order, computed by the policies' own `observe` / `score` / `protected` on a stan
   the sequence slot on the device: no host sync, and `rewind` needs nothing from the layer. Storage is kept + new
   tokens (what the step reads), not budget + slack: bounded memory for endless generation is transformers' loop's.
 
+h2o: eviction during decode, inside the captured step (`H2OStaticLayer`). A layer holds at most budget + slack + 1
+tokens per row and KV head, in `kv_capacity` = ALIGN-rounded min(kept + new, budget + slack + 1) slots, each with
+`pos` (the sequence slot of its token, -1 padding, EMPTY free; int32) and `acc` (its accumulated attention, float32):
+4 + 4 bytes per slot next to 2 x head_dim x 2 bytes of bf16 K/V (1.6% at head_dim 128). Storage order is free (the
+attention is order-blind), so nothing is ever compacted:
+- prefill (eager): `KVLayer`'s own rule at the end of the prompt: `H2OPolicy.observe` scores the last
+  `prefill_window` queries (the attention hook hands them over, as for snapkv), and above budget + slack the top
+  `budget` by score, recent window protected, padding first (`keep_indices`, shared with snapkv and sink) are kept
+  in slots [0, kept) with their scores; the rest is EMPTY.
+- decode step (capturable; one token, `per_row_slots = False`): `update` writes the token into each (row, head)'s
+  first EMPTY slot (a scatter at `next_slot()`, an argmin over slot ids) with score 0 and returns a view;
+  `fast_sdpa` calls its `attend(query)`: the weights of the query over the slots, softmax'd under a mask of each
+  head's own live slots (`pos` >= 0: a head's padding and free slots, so no cross-head agreement is needed), are
+  materialised ([B, Hkv, G, C] float32, small), give the output (weights @ V) and, summed over the G query heads of
+  the KV head, are added to `acc` -- the same numbers `attention_scores` adds in transformers' loop, from the same
+  logits. Then `evict`: after a step that leaves budget + slack + 1 tokens stored (V(n) above, from the sequence
+  slot: no counter), the `slack + 1` lowest scores per row and head (recent window +inf, padding -inf, EMPTY +inf)
+  become EMPTY (topk of fixed k, then a scatter of `where(full, EMPTY, pos)`: computed every step, applied only
+  then). The next steps' tokens fill those slots. This is `KVLayer.evict` (topk of the `budget` best, the rest
+  dropped) as a set, so h2o+fast keeps exactly h2o's tokens with h2o's scores (tests/test_kv_h2o_fast.py checks
+  positions and scores per layer, row and head after every step, and greedy tokens on the tiny reference model);
+  only the float summation order of the attention differs (slots in another order, SDPA vs matmul on the CPU).
+  Rows evict independently (per-row topk); the step's cost beyond attention is one topk over C slots per head.
+The runtime's shared mask (`visible`) is head 0's live slots; `attend` does not read it. h2o needs the runtime's SDPA
+(`mask_kind` "fast": `fast_sdpa` hands `attend` the query); with other attention the factory refuses the call.
+
 Everything the decode step does is fixed-shape device arithmetic (capturable, compiled with the step); the prefill
-runs eagerly and may sync. kvquant with an eviction policy, h2o (eviction by each decode step's attention) and
-adakv (per-head budgets) have no layer here: those calls run transformers' loop (`Unsupported`).
+runs eagerly and may sync. A one-token prompt is refused (transformers then builds the prompt's mask over the
+layer's capacity). kvquant with an eviction policy and adakv (per-head budgets) have no layer here: those calls run
+transformers' loop (`Unsupported`).
 """
 
 from __future__ import annotations
@@ -48,6 +75,7 @@ import weakref
 import torch
 
 from hf_accel.runtime import RuntimeLayer, Unsupported
+from hf_accel.runtime.attention import mask_kind
 
 from ._layers import PENDING, _gather
 
@@ -57,6 +85,23 @@ ALIGN = 64  # storage slots are rounded up to this (fewer buckets; masked slots 
 def kept_tokens(policy, prompt_len: int) -> int:
     """Prompt tokens a policy keeps of a (padded) prompt: `KVLayer` evicts only above budget + slack."""
     return policy.budget if prompt_len > policy.budget + policy.slack else prompt_len
+
+
+def stored_tokens(n: torch.Tensor, kept: torch.Tensor, budget: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """Tokens `KVLayer` holds while the n-th new token's step attends (V(n) in the module docstring): it evicts back
+    to `budget` after any step that leaves more than budget + slack stored."""
+    n0 = budget + slack + 1 - kept
+    return torch.where(n <= n0, kept + n, budget + 1 + torch.remainder(n - n0 - 1, slack + 1))
+
+
+def keep_indices(policy, stand, pos: torch.Tensor, keep: int) -> torch.Tensor:
+    """`KVLayer.evict` (no kvquant): the `keep` best slots of each row and KV head by the policy's own score, its
+    protected slots first and padding last, returned in position order (padding first)."""
+    score = policy.score(stand, pos).float()
+    score = torch.where(policy.protected(stand, pos), math.inf, score)
+    score = torch.where(pos < 0, -math.inf, score)  # padding goes first
+    top = score.topk(keep, dim=-1).indices
+    return top.gather(-1, pos.gather(-1, top).argsort(dim=-1))
 
 
 class _Stand:
@@ -137,6 +182,8 @@ class EvictStaticLayer(RuntimeLayer):
         if h != self.keys.shape[1] or k.shape[3] != self.keys.shape[3]:
             raise Unsupported(f"keys of shape {tuple(k.shape)} do not fit a cache of {self.keys.shape[1]} heads x "
                               f"{self.keys.shape[3]} dims")
+        if t == 1:  # transformers then builds the prompt's mask over the layer's capacity, not over the one key
+            raise Unsupported(f"{self.policy.name} under 'fast' needs a prompt of at least 2 tokens", whole_model=False)
         kept = kept_tokens(self.policy, t)
         if kept >= self.capacity:
             raise Unsupported(f"{self.policy.name}: {kept} kept prompt tokens do not fit {self.capacity} slots",
@@ -149,19 +196,23 @@ class EvictStaticLayer(RuntimeLayer):
         if self.layer_idx == 0:
             if rows.start == 0:  # a new prompt: generated tokens' slots, no kept tokens yet (rows filling the bucket)
                 p = self.policy
-                book.meta.copy_(torch.tensor([t, kept, p.budget, p.slack, getattr(p, "sinks", 0)]))
+                book.meta.copy_(torch.tensor([t, kept, p.budget, p.slack, self.policy_number()]))
                 j = torch.arange(self.capacity, device=k.device)
                 book.slot_pos.copy_(torch.where(j >= kept, t + j - kept, -1).expand_as(book.slot_pos))
                 book.first.zero_()
             book.first[rows] = first.long()
-        if kept == t:  # short prompt: KVLayer keeps everything (padding included, masked)
+        if kept == t and not self.policy.accumulates:  # short prompt: KVLayer keeps everything (padding included)
             self._store(rows, k, v, pos.long())
             return
         self.pending = (k, v, pos, first)
-        if self.policy.needs_attention:  # snapkv: the attention hook calls `observe` with the prompt's queries
+        if self.policy.needs_attention:  # snapkv, h2o: the attention hook calls `observe` with the prompt's queries
             PENDING.set(self)
         else:
             self.observe(None, k, None)
+
+    def policy_number(self) -> int:
+        """The fifth number of `book.meta`: sink's sinks."""
+        return getattr(self.policy, "sinks", 0)
 
     def observe(self, query, keys, scaling) -> None:
         """The prompt's queries [r, Hq, T, D] and the keys they attended to: choose what to keep, store it."""
@@ -173,12 +224,7 @@ class EvictStaticLayer(RuntimeLayer):
         stand = _Stand(pos, t, first)
         if query is not None:
             self.policy.observe(stand, query, keys, scaling)
-        # KVLayer.evict, for n_fixed = 0
-        score = self.policy.score(stand, pos).float()
-        score = torch.where(self.policy.protected(stand, pos), math.inf, score)
-        score = torch.where(pos < 0, -math.inf, score)  # padding goes first
-        top = score.topk(self.policy.budget, dim=-1).indices
-        idx = top.gather(-1, pos.gather(-1, top).argsort(dim=-1))  # back to position order: padding first
+        idx = keep_indices(self.policy, stand, pos, self.policy.budget)
         self._store(self.prefill_rows, _gather(k, idx), _gather(v, idx), pos[:, 0].gather(-1, idx[:, 0]).long())
 
     def _store(self, rows: slice, k: torch.Tensor, v: torch.Tensor, slot_pos: torch.Tensor) -> None:
@@ -197,16 +243,141 @@ class EvictStaticLayer(RuntimeLayer):
         vis = (seq >= 0) & (seq <= q)
         if self.sink:
             t, kept, budget, slack, sinks = self.book.meta.unbind()
-            n = q - t + 1  # the query is the n-th new token
-            n0 = budget + slack + 1 - kept
-            seen = torch.where(n <= n0, kept + n, budget + 1 + torch.remainder(n - n0 - 1, slack + 1))
+            seen = stored_tokens(q - t + 1, kept, budget, slack)  # the query is the (q - t + 1)-th new token
             first = self.book.first[:, None, None]
             vis = vis & ((seq < first + sinks) | (seq >= q + 1 - seen + sinks))
         return vis
 
 
+EMPTY = -2  # h2o: `pos` of a storage slot that holds no token (never written, or freed by an eviction)
+
+
+class H2OAttention:
+    """What an h2o layer's decode `update` returns as both keys and values: `fast_sdpa` calls `attend`, the layer's
+    own attention, which also accumulates the step's attention weights and evicts (contract point 2)."""
+
+    def __init__(self, layer: "H2OStaticLayer"):
+        self.layer = layer
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.layer.attend(query, scale)
+
+    def materialize(self):
+        raise Unsupported("h2o under 'fast' scores each decode step inside its own attention; this attention call "
+                          "(dropout, softcapping or a 2-D mask) cannot be served by it", whole_model=False)
+
+
+class H2OStaticLayer(EvictStaticLayer):
+    """h2o's fixed-capacity layer: at most budget + slack + 1 slots per row and KV head, each with its token's
+    sequence slot (`pos`: -1 padding, EMPTY free) and accumulated attention (`acc`). See "h2o" in the module doc."""
+
+    per_row_slots = False  # one token per step and row: h2o evicts after every step, so drafts cannot be rewound
+
+    def __init__(self, layer_idx, keys, values, book, policy, pos: torch.Tensor, acc: torch.Tensor):
+        super().__init__(layer_idx, keys, values, book, policy)
+        self.pos, self.acc = pos, acc  # [B, H, C] int32, float32
+        self.evicted = min(policy.slack + 1, self.capacity)  # tokens one eviction frees (KVLayer: stored - budget)
+
+    def dynamic_dims(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        kv = (0, 2) if self.keys.shape[0] > 1 else (2,)
+        return [(t, kv) for t in (self.keys, self.values, self.pos, self.acc)]
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.pos.nbytes + self.acc.nbytes
+
+    def policy_number(self) -> int:
+        return self.policy.n_recent
+
+    # -- prefill (eager): what KVLayer keeps at the end of the prompt, with its accumulated scores -------------------
+    def _prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.prefill_rows.start == 0:  # a new prompt: every row empty (rows that only fill the bucket stay so)
+            self.pos.fill_(EMPTY)
+            self.acc.zero_()
+        super()._prefill(k, v)
+
+    def observe(self, query, keys, scaling) -> None:
+        """The prompt's queries [r, Hq, T, D] and keys: H2OPolicy.observe's scores, KVLayer's selection."""
+        PENDING.set(None)
+        k, v, pos, first = self.pending
+        self.pending = None
+        r, h, t, _ = k.shape
+        pos = pos[:, None, :].expand(r, h, t).contiguous()
+        stand = _Stand(pos, t, first)
+        stand.acc = torch.zeros(r, h, t, dtype=torch.float32, device=k.device)
+        self.policy.observe(stand, query, keys, scaling)
+        if kept_tokens(self.policy, t) < t:
+            idx = keep_indices(self.policy, stand, pos, self.policy.budget)
+        else:
+            idx = torch.arange(t, device=k.device).expand(r, h, t)
+        n, rows = idx.shape[-1], self.prefill_rows
+        self.keys[rows, :, :n].copy_(_gather(k, idx))
+        self.values[rows, :, :n].copy_(_gather(v, idx))
+        self.pos[rows, :, :n] = pos.gather(-1, idx)
+        self.acc[rows, :, :n] = stand.acc.gather(-1, idx)
+        self.written = True
+
+    # -- decode (capturable) -------------------------------------------------------------------------------------------
+    def next_slot(self) -> torch.Tensor:
+        """[B, H]: the storage slot the next token goes to, the first free one (one always is, see the docstring)."""
+        c = self.pos.shape[-1]
+        j = torch.arange(c, device=self.pos.device, dtype=torch.int32)
+        return torch.where(self.pos == EMPTY, j, c).amin(-1).clamp(max=c - 1).long()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.prefill_rows is not None:
+            self._prefill(key_states, value_states)
+            return key_states, value_states
+        if self.pending is not None:
+            raise Unsupported(f"h2o: layer {self.layer_idx} never received the prompt's queries (the model's "
+                              "attention bypasses hf_accel's attention hook)", whole_model=False)
+        b, h, q, d = key_states.shape
+        if q != 1 or self.slots.dim() != 1:
+            raise Unsupported("h2o under 'fast' decodes one token per step (it evicts after every step's attention, "
+                              f"so drafts cannot be rewound); got {q} tokens", whole_model=False)
+        free = self.next_slot()[:, :, None]  # [B, H, 1]
+        self.keys.scatter_(2, free[..., None].expand(b, h, 1, d), key_states)
+        self.values.scatter_(2, free[..., None].expand(b, h, 1, d), value_states)
+        self.pos.scatter_(2, free, self.slots.to(self.pos.dtype).expand(b, h, 1))
+        self.acc.scatter_(2, free, 0.0)
+        view = H2OAttention(self)
+        return view, view
+
+    def attend(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """[B, 1, Hq, D]: attention of the step's query over the live slots of each row and KV head (a mask of
+        its own, from `pos`); the weights, summed over the query heads of each KV head, are added to `acc` as
+        `H2OPolicy.observe` adds them, then `evict`."""
+        b, hq, _, d = query.shape
+        hk = self.keys.shape[1]
+        logits = torch.matmul(query.reshape(b, hk, hq // hk, d), self.keys.transpose(-1, -2)).float() * scale
+        probs = logits.masked_fill((self.pos < 0)[:, :, None, :], -math.inf).softmax(-1)  # the new token is live
+        out = torch.matmul(probs.to(self.values.dtype), self.values)  # [B, Hk, G, D]
+        self.acc.add_(probs.sum(2))
+        self.evict()
+        return out.reshape(b, hq, 1, d).transpose(1, 2)
+
+    def evict(self) -> None:
+        """After a step that leaves budget + slack + 1 tokens stored, free the `slack + 1` lowest-scoring slots per
+        row and KV head: `KVLayer.evict`'s rule (H2OPolicy.score = acc, its recent window protected, padding
+        first) on the device; every other step computes the same and writes the positions back unchanged."""
+        t, kept, budget, slack, n_recent = self.book.meta.unbind()
+        s = self.slots  # [1]: this step's token is the (s - t + 1)-th new one; KVLayer's `seen` is s + 1
+        full = stored_tokens(s - t + 1, kept, budget, slack) == budget + slack + 1
+        pos = self.pos
+        score = self.acc.masked_fill(pos >= s + 1 - n_recent, math.inf)  # H2OPolicy.protected (recent)
+        score = score.masked_fill(pos == -1, -math.inf).masked_fill(pos == EMPTY, math.inf)
+        victims = score.topk(self.evicted, dim=-1, largest=False).indices
+        pos.scatter_(2, victims, torch.where(full, EMPTY, pos.gather(2, victims)))
+
+    def visible(self, slots: torch.Tensor) -> torch.Tensor:
+        """The runtime's mask: KV head 0's live slots after this step's write. `attend` masks each head by its own
+        `pos` and does not read it."""
+        c = self.pos.shape[-1]
+        live = (self.pos[:, 0] >= 0) | (torch.arange(c, device=self.pos.device) == self.next_slot()[:, :1])
+        return live[:, None, :].expand(live.shape[0], slots.shape[-1], c)
+
+
 class EvictLayerFactory:
-    """The `_hf_accel_kv_layer` factory snapkv and sink install. Its layers are views into one flat K and V storage
+    """The `_hf_accel_kv_layer` factory snapkv, sink and h2o install. Its layers are views into one flat K and V storage
     per decoder layer that grows only when a larger bucket needs it (as `KVPool`); `release()` frees it."""
 
     def __init__(self, model):
@@ -229,15 +400,23 @@ class EvictLayerFactory:
         if getattr(model, QUANT_ATTR, None) is not None:
             raise Unsupported(f"kvquant combined with the eviction policy {policy.name!r} has no layer for the fast "
                               "runtime", whole_model=False)
+        if policy.name == "h2o" and mask_kind(model) != "fast":
+            raise Unsupported("h2o under 'fast' scores each decode step inside its own attention, which only the "
+                              "runtime's SDPA (`fast_sdpa`) hands over; load the model with attn_implementation='sdpa' "
+                              f"(this one uses {model.config._attn_implementation!r})", whole_model=False)
         return policy
 
     def kv_capacity(self, prompt_len: int, new_tokens: int) -> int:
-        """Storage slots for a prompt of `prompt_len` (padded) tokens and `new_tokens`: kept + new, aligned."""
+        """Storage slots for a prompt of `prompt_len` (padded) tokens and `new_tokens`: kept + new, aligned (h2o:
+        at most budget + slack + 1, what it holds at most)."""
         try:
-            kept = kept_tokens(self.policy(), prompt_len)
+            policy = self.policy()
         except Unsupported:
             return prompt_len + new_tokens  # the call will be refused by __call__
-        return ALIGN * math.ceil((kept + new_tokens) / ALIGN)
+        slots = kept_tokens(policy, prompt_len) + new_tokens
+        if policy.name == "h2o":
+            slots = min(slots, policy.budget + policy.slack + 1)
+        return ALIGN * math.ceil(slots / ALIGN)
 
     def __call__(self, layer_idx: int, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype, device):
         policy = self.policy()
@@ -246,6 +425,10 @@ class EvictLayerFactory:
         if key not in self.books:
             self.books[key] = Book(batch, capacity, device)
         keys, values = (self._view(layer_idx, name, shape, dtype, device) for name in ("k", "v"))
+        if policy.name == "h2o":
+            pos = self._view(layer_idx, "pos", shape[:3], torch.int32, device)
+            acc = self._view(layer_idx, "acc", shape[:3], torch.float32, device)
+            return H2OStaticLayer(layer_idx, keys, values, self.books[key], policy, pos, acc)
         return EvictStaticLayer(layer_idx, keys, values, self.books[key], policy)
 
     def _view(self, layer_idx: int, name: str, shape: tuple, dtype, device) -> torch.Tensor:
@@ -261,5 +444,6 @@ class EvictLayerFactory:
         self.storage, self.books = {}, {}
 
     def nbytes(self) -> int:
-        """K/V bytes this factory holds (every layer, the largest bucket since the last release)."""
+        """K/V bytes this factory holds (every layer, the largest bucket since the last release; h2o: with its
+        per-slot positions and scores)."""
         return sum(t.nbytes for t in self.storage.values())

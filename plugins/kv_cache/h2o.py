@@ -5,6 +5,11 @@ it just attended to (one q.K product per layer and step, taken in the attention 
 attention matrix). The prefill contributes the attention of its last `prefill_window` queries (SnapKV's observation
 window), which keeps a long prompt's scoring linear in its length. Per KV head (query heads of a group are summed),
 evicting every step once the budget is full.
+
+`h2o+fast` runs this rule inside the fast runtime's CUDA graph (`_fast_evict.H2OStaticLayer`): budget + slack + 1
+static slots per row and KV head; each step writes the new token into a free slot, takes the weights of its query
+over the kept slots from its own attention (materialised: [B, H, slots]), accumulates them like `observe`, and after
+a full step frees the `slack + 1` lowest-scoring slots outside the recent window. Same tokens as h2o alone.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class H2OPolicy(EvictionPolicy):
     name = "h2o"
     needs_attention = True
     accumulates = True
+    fast_servable = True  # `h2o+fast`: a fixed-capacity layer that evicts inside the CUDA graph (_fast_evict.py)
     budget: int = 1024  # tokens kept per KV head
     recent: int | None = None  # recent tokens always kept (default: half the budget)
     prefill_window: int = 64  # prompt queries whose attention is accumulated at prefill
