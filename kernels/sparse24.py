@@ -263,6 +263,8 @@ if HAS_TRITON:
             w_ptrs += BKG
             mt_ptrs += BKG // 2
             x_ptrs += 4 * BKG
+        if X_AS_A:
+            acc = tl.trans(acc)  # once, after the loop: the epilogue is the same for both operand orders
         ok = (rn < N)[:, None] & (rm < M)[None, :]
         if SPLIT == 1:
             if HAS_BIAS:
@@ -334,14 +336,17 @@ if HAS_TRITON:
     def _s24_mma(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, G, STEPS, stride_xm, stride_vn, stride_mn, stride_ym,
                  out_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BKG: tl.constexpr, FIXUP: tl.constexpr,
-                 XPAD: tl.constexpr, INTERPRET: tl.constexpr):
+                 XPAD: tl.constexpr, X_AS_A: tl.constexpr, INTERPRET: tl.constexpr):
         """Tensor cores on the decompressed tile: acc[n, m] += W[n, k-block] @ x^T[k-block, m], W's tile expanded
         in registers from contiguous word and meta-byte loads (`_dense_tile`) and fed as the MMA's A operand ("swap
         AB": W rows fill the MMA's M dimension, the few x rows its N, padded to BLOCK_M >= 16 by re-reading row 0).
         x^T is one contiguous [4·BKG, BLOCK_M] tile per step (vector loads along K). SPLIT > 1: y_ptr holds fp32
         partials [SPLIT, M, N]; with FIXUP the last program of each output tile to arrive (per-tile counters at
         cnt_ptr, zero between launches) adds them in split order and writes out_ptr [M, N] itself: no second
-        launch, and the same sum whichever program arrives last."""
+        launch, and the same sum whichever program arrives last.
+        X_AS_A (kind "mma_xa"): the unswapped product acc^T[m, n] += x[m, k] @ W^T[k, n] instead, W^T the B operand:
+        on sm_90 a B operand lives in shared memory, so wgmma (BLOCK_M >= 64) need not wait for register operands
+        after every instruction, and below 64 rows Triton uses mma.sync with x in registers."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -355,10 +360,17 @@ if HAS_TRITON:
         g_first = pid_k * STEPS * BKG  # a multiple of 8: meta word g_first // 8 starts the step
         w_ptrs = v_ptr + rn_in[:, None].to(tl.int64) * stride_vn + (g_first + rg)[None, :]
         mt_ptrs = m_ptr + rn_in[:, None].to(tl.int64) * stride_mn + (g_first // 8 + rc)[None, :]
-        x_ptrs = x_ptr + rm_in[None, :].to(tl.int64) * stride_xm + (4 * g_first + rk)[:, None]  # [4·BKG, BM]
         # XPAD (M % BLOCK_M != 0): padding rows zero-filled by the copy, not fetched (M = 1: 1/16 of the x traffic)
-        x_rows = (rm < M)[None, :] | (not XPAD)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if X_AS_A:
+            x_ptrs = x_ptr + rm_in[:, None].to(tl.int64) * stride_xm + (4 * g_first + rk)[None, :]  # [BM, 4·BKG]
+            x_rows = (rm < M)[:, None] | (not XPAD)
+            x_k = rk[None, :]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:
+            x_ptrs = x_ptr + rm_in[None, :].to(tl.int64) * stride_xm + (4 * g_first + rk)[:, None]  # [4·BKG, BM]
+            x_rows = (rm < M)[None, :] | (not XPAD)
+            x_k = rk[:, None]
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         xdt = x_ptr.dtype.element_ty
         for step in range(0, STEPS):
             if EVEN:
@@ -369,11 +381,16 @@ if HAS_TRITON:
                 g0 = g_first + step * BKG
                 w = tl.load(w_ptrs, mask=(g0 + rg < G)[None, :], other=0, eviction_policy="evict_first")
                 mb = tl.load(mt_ptrs, mask=(g0 + 8 * rc < G)[None, :], other=0, eviction_policy="evict_first")
-                xt = tl.load(x_ptrs, mask=(4 * g0 + rk < 4 * G)[:, None] & x_rows, other=0.0)
-            acc = _dot(_dense_tile(w, mb, BLOCK_N, BKG, xdt), xt, acc, INTERPRET)
+                xt = tl.load(x_ptrs, mask=(4 * g0 + x_k < 4 * G) & x_rows, other=0.0)
+            if X_AS_A:
+                acc = _dot(xt, tl.trans(_dense_tile(w, mb, BLOCK_N, BKG, xdt)), acc, INTERPRET)
+            else:
+                acc = _dot(_dense_tile(w, mb, BLOCK_N, BKG, xdt), xt, acc, INTERPRET)
             w_ptrs += BKG
             mt_ptrs += BKG // 8
             x_ptrs += 4 * BKG
+        if X_AS_A:
+            acc = tl.trans(acc)  # once, after the loop: the epilogue is the same for both operand orders
         ok = (rn < N)[:, None] & (rm < M)[None, :]
         if SPLIT == 1:
             if HAS_BIAS:
@@ -391,7 +408,7 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------------------------------
-KINDS = ("mma", "xsel", "planes", "dot", "dense")
+KINDS = ("mma", "mma_xa", "xsel", "planes", "dot", "dense")
 # default when in_features % 32 != 0 (no "mma"): "xsel" up to 4 rows, "planes" up to 15, "dot" from 16
 XSEL_MAX_M = 4
 DOT_MIN_M = 16
@@ -462,7 +479,8 @@ def _dot_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
                         split_k=split)
 
 
-_DEFAULTS = {"mma": _mma_default, "xsel": _bgemv_default, "planes": _bgemv_default, "dot": _dot_default}
+_DEFAULTS = {"mma": _mma_default, "mma_xa": _mma_default, "xsel": _bgemv_default, "planes": _bgemv_default,
+             "dot": _dot_default}
 
 
 def default_config(m: int, n: int, k: int, sms: int) -> tuple[str, LaunchConfig | None]:
@@ -522,7 +540,7 @@ def mma_supported(k: int) -> bool:
 
 def sparse24_launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
                     kind: str, cfg: LaunchConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One launch of `kind` ("mma", "xsel", "planes" or "dot") on x2 [M, K] -> [M, N] (x2's dtype)."""
+    """One launch of `kind` (one of KINDS but "dense") on x2 [M, K] -> [M, N] (x2's dtype)."""
     _check(x2, values, meta)
     m, k = x2.shape
     n = values.shape[0]
@@ -532,26 +550,27 @@ def sparse24_launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         cfg = _DEFAULTS[kind](m, n, k, sm_count(x2.device))
     groups = k // 4
     bkg = cfg.block_k // 4
-    min_bkg = 8 if kind == "mma" else 2
+    mma = kind in ("mma", "mma_xa")
+    min_bkg = 8 if mma else 2
     if bkg < min_bkg or bkg & (bkg - 1) or cfg.block_k % 4:
         raise ValueError(f"sparse24: block_k must be 4 x a power of two >= {min_bkg} for {kind}, got {cfg.block_k}")
-    if kind == "mma" and not mma_supported(k):
+    if mma and not mma_supported(k):
         raise ValueError(f"sparse24: the mma kernel needs in_features % 32 == 0 (whole meta words), got {k}")
     steps, split = split_plan(groups, bkg, cfg.split_k)
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype) if out is None else out
     dst = y if split == 1 else torch.empty(split, m, n, device=x2.device, dtype=torch.float32)
     words = values.view(torch.int32)  # [N, K/4]: one word = one group's two values
-    mt = meta.view(torch.int32) if kind == "mma" else meta  # [N, K/32]: one word = 8 groups' positions
+    mt = meta.view(torch.int32) if mma else meta  # [N, K/32]: one word = 8 groups' positions
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     common = dict(HAS_BIAS=bias is not None, EVEN=groups == split * steps * bkg, SPLIT=split,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BKG=bkg, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     args = (x2, words, mt, bias if bias is not None else words, dst, m, n, groups, steps, x2.stride(0),
             words.stride(0), mt.stride(0), y.stride(0))
-    if kind == "mma":
+    if mma:
         counters = _tile_counters(x2.device, grid[0] * grid[1]) if split > 1 and MMA_FIXUP else None
         _s24_mma[grid](*args, y, counters if counters is not None else words, FIXUP=counters is not None,
-                       XPAD=m % cfg.block_m != 0, INTERPRET=interpreting(), **common)
+                       XPAD=m % cfg.block_m != 0, X_AS_A=kind == "mma_xa", INTERPRET=interpreting(), **common)
         if counters is not None:
             return y
     elif kind == "dot":

@@ -206,8 +206,8 @@ def linear_phase(args, dev, dims, bw, rows, deadline):
 # -------------------------------------------------------------------------------------------------------------
 def triton24_candidates(m, n, k, sms):
     """A few launch configurations around the library default for (M, N, K), likeliest first: (kind, LaunchConfig).
-    "mma" (the decompressed tile on tensor cores) in its tile shapes and split-K choices; at M <= 4 also the old
-    "xsel" GEMV in its best measured configuration (H200, 2026-12-01) for comparison."""
+    "mma" / "mma_xa" (the decompressed tile on tensor cores, W as the A or the B operand) in their tile shapes and
+    split-K choices; at M <= 4 also the old "xsel" GEMV in its best measured configuration (H200, 2026-12-01)."""
     from hf_accel.kernels import sparse24 as S
     from hf_accel.kernels._base import LaunchConfig
 
@@ -215,21 +215,23 @@ def triton24_candidates(m, n, k, sms):
     p2 = lambda v: 1 << max(0, (v - 1).bit_length())
     bm = max(16, min(64, p2(m)))
 
-    def mma(bn, bkg, warps, stages=3, split=None):
+    def mma(bn, bkg, warps, stages=3, split=None, kind="mma", rows=bm):
         bkg = min(bkg, max(8, p2(groups)))
         if split is None:
-            split = S._split_for_warps(-(-n // bn) * -(-m // bm), warps, -(-groups // bkg), sms)
-        return "mma", LaunchConfig(block_n=bn, block_k=4 * bkg, block_m=bm, num_warps=warps, num_stages=stages,
-                                   split_k=split)
+            split = S._split_for_warps(-(-n // bn) * -(-m // rows), warps, -(-groups // bkg), sms)
+        return kind, LaunchConfig(block_n=bn, block_k=4 * bkg, block_m=rows, num_warps=warps, num_stages=stages,
+                                  split_k=split)
 
     if not S.mma_supported(k):
         return []
+    xa64 = dict(kind="mma_xa", rows=64)  # x as the A operand of a 64-row wgmma: W^T from shared, no per-MMA wait
     if bm <= 16:
-        cands = [mma(32, 64, 2), mma(64, 64, 4), mma(64, 32, 4, 4), mma(128, 32, 8), mma(32, 64, 2, split=1),
-                 mma(64, 64, 4, split=1), mma(16, 64, 1)]
+        cands = [mma(32, 64, 2), mma(64, 64, 4), mma(64, 32, 4, **xa64), mma(128, 32, 8), mma(64, 32, 4, 4),
+                 mma(128, 32, 8, **xa64), mma(32, 64, 2, split=1), mma(64, 64, 4, split=1),
+                 mma(128, 32, 8, kind="mma_xa"), mma(16, 64, 1)]
     else:
-        cands = [mma(64, 64, 4), mma(128, 32, 8), mma(64, 32, 4, 4), mma(64, 64, 4, split=1), mma(128, 64, 8),
-                 mma(64, 32, 4, 3, 4)]
+        cands = [mma(64, 64, 4), mma(64, 32, 4, **xa64), mma(128, 32, 8), mma(64, 32, 4, 4),
+                 mma(128, 32, 8, **xa64), mma(64, 64, 4, split=1), mma(128, 64, 8), mma(64, 32, 4, 3, 4)]
     if m <= S.XSEL_MAX_M:
         cands.append(("xsel", LaunchConfig(block_n=4, block_k=min(1024, 4 * p2(groups)), block_m=p2(m),
                                            num_warps=4, split_k=2 if n <= 2048 else 1)))

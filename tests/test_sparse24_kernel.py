@@ -31,6 +31,11 @@ CPU_CASES = [
     ("mma", "fp16", 20, 48, 224, dict(block_n=16, block_k=64, block_m=32)),
     ("mma", "bf16", 3, 40, 96, dict(block_n=16, block_k=32, block_m=16, split_k=3)),
     ("mma", "bf16", 64, 64, 256, {}),
+    # "mma_xa" (x the A operand, W^T the B operand): wgmma-sized 64 rows for M = 1, mma.sync sizes, split-K, K tail
+    ("mma_xa", "bf16", 1, 64, 256, dict(block_n=64, block_k=128, block_m=64, num_warps=4)),
+    ("mma_xa", "bf16", 16, 64, 512, dict(block_n=64, block_k=256, block_m=16, num_warps=4)),
+    ("mma_xa", "bf16", 32, 130, 512, dict(block_n=32, block_k=128, block_m=64, split_k=2)),
+    ("mma_xa", "fp16", 20, 48, 224, dict(block_n=16, block_k=64, block_m=32)),
     ("xsel", "bf16", 1, 64, 128, dict(block_n=8, block_k=64)),
     ("xsel", "bf16", 3, 37, 136, dict(block_n=8, block_k=32, block_m=4, split_k=2)),
     ("xsel", "fp16", 2, 33, 200, dict(block_n=4, block_k=64, block_m=2, acc3=False)),
@@ -342,6 +347,9 @@ GPU_CASES = [(kind, "bf16", m, n, k, {}) for kind, m in (("xsel", 1), ("xsel", 4
                                                         ("dot", 32)) for n, k in ((1024, 4096), (4096, 14336))]
 GPU_CASES += [("mma", "bf16", m, n, k, over) for m in (1, 5, 16, 32) for n, k in ((1024, 4096), (4096, 14336))
               for over in ({}, dict(block_n=64, num_warps=4, split_k=4), dict(block_n=128, num_warps=8, block_k=128))]
+GPU_CASES += [("mma_xa", "bf16", m, n, k, over) for m in (1, 16, 32) for n, k in ((1024, 4096), (4096, 14336))
+              for over in (dict(block_m=64, block_n=64, block_k=128, num_warps=4, split_k=2),
+                           dict(block_n=128, block_k=128, num_warps=8))]
 GPU_CASES += [("op", "bf16", m, 14336, 4096, {}) for m in (1, 2, 16, 32, 64, 300)]
 
 
