@@ -24,11 +24,18 @@ once per batch kind, 1 and > 1, 58-77 s each on an H200):
 
 It times decode (hf_accel.runtime.bench.measure: t(N new) - t(1 new), so the prefill cancels; 128 new tokens) of
 `fast` (full bf16 KV), `snapkv(budget=ctx/8, window=32)+fast`, `snapkv(budget=ctx/16)+fast` and
-`sink(window=ctx/8 - 4, sinks=4)+fast` (plugins/kv_cache/_fast_evict.py: layers of kept + new slots) at 8k and 32k
-context, batch 1 and 8, in priority order: 32k batch 8 (the issue's goal) for fast and both snapkv budgets, then 32k
-batch 1, then 8k; sink last, at 32k only. Each row records tok/s, `kv_gb_held` (what the cache allocated),
-`kv_gb_read_per_step` and the copy-bandwidth limit; the summary has `<row>_speedup_vs_fast` and
-`<row>_kv_held_vs_fast`, e.g. `snapkv_1of8_fast_ctx32k_b8_speedup_vs_fast`. A row whose estimated cost (a first
+`sink(window=ctx/8 - 4, sinks=4)+fast` (plugins/kv_cache/_fast_evict.py: layers of kept + new slots) and
+`h2o(budget=ctx/8)+fast` (budget + slack + 1 slots, evicting inside the CUDA graph) at 8k and 32k context, batch 1
+and 8, in priority order: 32k batch 8 (the issue's goal) for fast and both snapkv budgets, then 32k batch 1, then 8k;
+sink, then h2o last, at 32k only. Within 9 minutes h2o's rows are reached only with a filter on the families, which
+keeps the order among those kept:
+
+    python3 scripts/bench_kv.py --preset h200-fast --contexts 32768 --evict-families fast h2o \
+        --out $OUT/bench_kv_h2o_fast_h200.json    # fast b8, fast b1, h2o b8, h2o b1: ~8 min (4 compiles) on an H200
+
+Each row records tok/s, `kv_gb_held` (what the cache allocated), `kv_gb_read_per_step` and the copy-bandwidth limit;
+the summary has `<row>_speedup_vs_fast` and `<row>_kv_held_vs_fast`, e.g. `snapkv_1of8_fast_ctx32k_b8_speedup_vs_fast`
+or `h2o_1of8_fast_ctx32k_b8_speedup_vs_fast`. A row whose estimated cost (a first
 compile ~90 s, four prefills at ~20k tokens/s; estimates, not measured) exceeds the time left is recorded as
 skipped. Dropped from this preset to stay within 9 minutes (two compiles per spec family): sink at 8k, and the
 kvquant rows it used to hold (the kvquant kernel alone against bf16 matmul attention, and `kvquant(bits=4|8)+fast`
@@ -289,31 +296,41 @@ def fast_kv_rows(model, device, contexts, batches, new, repeats, time_left, save
 EVICT_FAST = [("fast", "fast", None),
               ("snapkv 1/8 + fast", "snapkv(budget={b}, window={win})+fast", 8),
               ("snapkv 1/16 + fast", "snapkv(budget={b}, window={win})+fast", 16),
-              ("sink 1/8 + fast", "sink(window={w}, sinks=4)+fast", 8)]
+              ("sink 1/8 + fast", "sink(window={w}, sinks=4)+fast", 8),
+              ("h2o 1/8 + fast", "h2o(budget={b})+fast", 8)]
+LAST_FAMILIES = ("sink", "h2o")  # run after the others, at the largest context only, in this order
 
 
-def evict_plan(contexts, batches):
+def evict_family(label: str) -> str:
+    return label.split()[0]  # 'snapkv 1/8 + fast' -> 'snapkv'
+
+
+def evict_plan(contexts, batches, families=None):
     """(label, spec template, fraction, ctx, batch) in priority order: the issue's goal row (largest context, largest
-    batch) for every spec first, then the largest context at the other batches, then the smaller contexts; sink
-    last. A spec family (fast, snapkv, sink) compiles once per batch kind (1, > 1): a new budget or context only
-    captures, so the order costs no extra compiles."""
+    batch) for every spec first, then the largest context at the other batches, then the smaller contexts; sink,
+    then h2o last, at the largest context only. A spec family (fast, snapkv, sink, h2o) compiles once per batch kind
+    (1, > 1): a new budget or context only captures, so the order costs no extra compiles. `families`: only these
+    (e.g. fast h2o: the baseline and h2o's rows in one run)."""
     ctxs, bs = sorted(contexts, reverse=True), sorted(batches, reverse=True)
+    specs = [e for e in EVICT_FAST if families is None or evict_family(e[0]) in families]
     cells = [(ctxs[0], b) for b in bs] + [(c, b) for c in ctxs[1:] for b in bs]
-    plan = [(label, spec, frac, c, b) for c, b in cells for label, spec, frac in EVICT_FAST if "sink" not in label]
-    return plan + [(label, spec, frac, c, b) for label, spec, frac in EVICT_FAST if "sink" in label
-                   for c, b in [(ctxs[0], b) for b in bs]]
+    plan = [(label, spec, frac, c, b) for c, b in cells for label, spec, frac in specs
+            if evict_family(label) not in LAST_FAMILIES]
+    return plan + [(label, spec, frac, c, b) for last in LAST_FAMILIES for label, spec, frac in specs
+                   if evict_family(label) == last for c, b in [(ctxs[0], b) for b in bs]]
 
 
-def evict_rows(model, device, contexts, batches, new, repeats, time_left, save, copy_gbps=None, tiny=False):
+def evict_rows(model, device, contexts, batches, new, repeats, time_left, save, copy_gbps=None, tiny=False,
+               families=None):
     """Decode rows of EVICT_FAST (each row applies its spec: the budget follows the context). A row is skipped when
     the time left is below its estimated cost: ~90 s when its spec family and batch kind have not compiled yet
     (the H200's first compiles took 58-77 s), plus four prefills (measure's warm-ups and timed calls) at ~20k
     tokens/s for the 8B shape (an estimate, not measured here)."""
     rows, compiled = [], set()
-    for label, template, frac, ctx, batch in evict_plan(contexts, batches):
+    for label, template, frac, ctx, batch in evict_plan(contexts, batches, families):
         b = ctx // frac if frac else ctx
         spec = template.format(b=b, w=b - 4, win=min(32, b // 2))
-        family = (label.split()[0], batch > 1)
+        family = (evict_family(label), batch > 1)
         reps = repeats if ctx * batch <= 65536 else 1  # the 32k x 8 prefill is ~13 s: one timed pair there
         cost = (0 if family in compiled or tiny else 90) + (0 if tiny else (2 + 2 * reps) * ctx * batch / 20000)
         if time_left() < cost:
@@ -522,6 +539,8 @@ def main(argv=None):
     ap.add_argument("--kernels", action="store_true", help="also benchmark the paged decode-attention kernel alone")
     ap.add_argument("--fast-kvquant", action="store_true",
                     help="h200-fast: also the kvquant kernel alone and kvquant+fast rows (batch 1), after the rest")
+    ap.add_argument("--evict-families", nargs="+", choices=sorted({evict_family(e[0]) for e in EVICT_FAST}),
+                    help="h200-fast: only these eviction rows (e.g. fast h2o: the baseline and h2o 1/8 + fast)")
     ap.add_argument("--merge", nargs="+")
     ap.add_argument("--out", default="benchmarks/results/bench_kv.json")
     args = ap.parse_args(argv)
@@ -595,7 +614,7 @@ def main(argv=None):
 
 
 def main_fast(args, device):
-    """--preset h200-fast: EVICT_FAST (fast, snapkv 1/8 and 1/16, sink 1/8) at 8k and 32k, batch 1 and 8; with
+    """--preset h200-fast: EVICT_FAST (fast, snapkv 1/8 and 1/16, sink 1/8, h2o 1/8) at 8k and 32k, batch 1 and 8; with
     --fast-kvquant also the kvquant kernel alone and FAST_KV (see the top of the file)."""
     start = time.perf_counter()
     contexts, batches, new, repeats = args.contexts, args.batches, 128, 2
@@ -618,7 +637,7 @@ def main_fast(args, device):
     copy_gbps = record.get("copy_bandwidth", {}).get("copy_gbps")
     model = build_model(args.tiny, device)
     record["evict_rows"] = evict_rows(model, device, contexts, batches, new, repeats, time_left, save, copy_gbps,
-                                      tiny=args.tiny)
+                                      tiny=args.tiny, families=args.evict_families)
     save()
     if args.fast_kvquant:
         record["kernel_rows"] = kvquant_kernel_rows(device, copy_gbps=copy_gbps)

@@ -211,3 +211,22 @@ def test_trained_tiny_reference():
             changed += int((greedy(base, ids[:b], mask[:b], 40) != expected).sum())
         assert get_runtime(fast).stats["calls"] == 2
     assert changed > 0
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_and_compiles_twice():
+    """inductor's CPU backend: with capacity (and batch) symbolic, calls in several buckets cost two compiles (batch
+    1, batch >= 2), and the tokens stay h2o's."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    alone, fast = models("llama", H2O_SLACK)
+    rt = get_runtime(fast)
+    rt._follow_model()
+    rt.use_compile = True
+    for seed, (lengths, new) in enumerate([([60], 8), ([300], 40), ([70, 30, 55], 30), ([200] * 5, 4), ([40], 70)]):
+        ids, mask = padded_batch(lengths, seed)
+        assert torch.equal(greedy(fast, ids, mask, new), greedy(alone, ids, mask, new)), lengths
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2
+    assert rt.stats["calls"] == 5 and rt.stats["fallbacks"] == 0 and not rt.warned
