@@ -263,8 +263,6 @@ if HAS_TRITON:
             w_ptrs += BKG
             mt_ptrs += BKG // 2
             x_ptrs += 4 * BKG
-        if X_AS_A:
-            acc = tl.trans(acc)  # once, after the loop: the epilogue is the same for both operand orders
         ok = (rn < N)[:, None] & (rm < M)[None, :]
         if SPLIT == 1:
             if HAS_BIAS:
