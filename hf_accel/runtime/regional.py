@@ -102,8 +102,11 @@ def regional_unsupported(model) -> str | None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(config, "num_kv_shared_layers", 0):
         return "its layers share K/V across layers (num_kv_shared_layers)"
-    if decoder_layers(model) is None:
+    layers = decoder_layers(model)
+    if layers is None:
         return f"no ModuleList of {config.num_hidden_layers} decoder layers found in {type(model).__name__}"
+    if any("forward" in layer.__dict__ for layer in layers):  # someone's per-layer wrapper: a guard per layer
+        return "its decoder layers carry an instance `forward` of their own"
     return None
 
 
@@ -117,7 +120,9 @@ class Regions:
         glue = {"rotary": getattr(base, "rotary_emb", None),
                 "norm": next((getattr(base, n) for n in FINAL_NORMS if hasattr(base, n)), None),
                 "head": model.get_output_embeddings()}
-        self.glue = {name: m for name, m in glue.items() if isinstance(m, torch.nn.Module)}
+        # a module with an instance `forward` of its own (someone else's wrapper) stays eager
+        self.glue = {name: m for name, m in glue.items()
+                     if isinstance(m, torch.nn.Module) and "forward" not in m.__dict__}
         self._compiled: dict[tuple, object] = {}
 
     def compiled(self, fn, region: str, single: bool, tree: bool):
@@ -149,22 +154,19 @@ class Regions:
         routed = [(m, self._router(m, "layer", single, tree, cache, view))
                   for m, view in zip(self.layers, one_layer_caches(cache))]
         routed += [(m, self._router(m, name, single, tree, cache)) for name, m in self.glue.items()]
-        saved = [(m, m.__dict__.get("forward")) for m, _ in routed]
+        routed = [(m, router) for m, router in routed if "forward" not in m.__dict__]  # never replace a wrapper
         for m, router in routed:
             m.forward = router
         try:
             yield
         finally:
-            for m, old in saved:
-                if old is None:
-                    del m.forward
-                else:
-                    m.forward = old
+            for m, _ in routed:
+                del m.forward
 
     def _router(self, module, region: str, single: bool, tree: bool, cache: KVCache, view: OneLayerCache | None = None):
         """The eager `forward` put on a module: swaps the cache for the layer's view, marks the symbolic dims of the
         region's inputs (they are made by eager code, after the session marked its own buffers), calls the region."""
-        forward = module.__dict__.get("forward") or type(module).forward
+        forward = type(module).forward
         fn = self.compiled(run_module, region, single, tree)
         capacity = getattr(cache.layers[0], "capacity", None)
 
