@@ -44,6 +44,7 @@ until `scripts/bench_prune.py` has swept the 8B shapes on the GPU; elsewhere `de
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -536,9 +537,16 @@ def mma_supported(k: int) -> bool:
     return k % 32 == 0
 
 
+def _launcher(kernel, grid, compile_only: bool):
+    """kernel[grid], or its compile-only warmup (same argument specialisation, nothing launched)."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+
+
 def sparse24_launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
-                    kind: str, cfg: LaunchConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One launch of `kind` (one of KINDS but "dense") on x2 [M, K] -> [M, N] (x2's dtype)."""
+                    kind: str, cfg: LaunchConfig | None = None, out: torch.Tensor | None = None,
+                    compile_only: bool = False) -> torch.Tensor | None:
+    """One launch of `kind` (one of KINDS but "dense") on x2 [M, K] -> [M, N] (x2's dtype). compile_only: compile
+    the kernel for exactly these arguments (Triton's warmup: into its on-disk cache) and launch nothing."""
     _check(x2, values, meta)
     m, k = x2.shape
     n = values.shape[0]
@@ -565,16 +573,21 @@ def sparse24_launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
                   num_stages=cfg.num_stages)
     args = (x2, words, mt, bias if bias is not None else words, dst, m, n, groups, steps, x2.stride(0),
             words.stride(0), mt.stride(0), y.stride(0))
+    run = functools.partial(_launcher, grid=grid, compile_only=compile_only)
     if mma:
-        counters = _tile_counters(x2.device, grid[0] * grid[1]) if split > 1 and MMA_FIXUP else None
-        _s24_mma[grid](*args, y, counters if counters is not None else words, FIXUP=counters is not None,
-                       XPAD=m % cfg.block_m != 0, X_AS_A=kind == "mma_xa", INTERPRET=interpreting(), **common)
-        if counters is not None:
-            return y
+        fixup = split > 1 and MMA_FIXUP
+        counters = _tile_counters(x2.device, grid[0] * grid[1]) if fixup and not compile_only else None
+        fixup = fixup and (counters is not None or compile_only)
+        run(_s24_mma)(*args, y, counters if counters is not None else words, FIXUP=fixup, XPAD=m % cfg.block_m != 0,
+                      X_AS_A=kind == "mma_xa", INTERPRET=interpreting(), **common)
+        if fixup:
+            return None if compile_only else y
     elif kind == "dot":
-        _s24_dot[grid](*args, INTERPRET=interpreting(), **common)
+        run(_s24_dot)(*args, INTERPRET=interpreting(), **common)
     else:
-        _s24_bgemv[grid](*args, IS_BF16=x2.dtype == torch.bfloat16, XSEL=kind == "xsel", ACC3=cfg.acc3, **common)
+        run(_s24_bgemv)(*args, IS_BF16=x2.dtype == torch.bfloat16, XSEL=kind == "xsel", ACC3=cfg.acc3, **common)
+    if compile_only:
+        return None
     if split > 1:
         splitk_reduce(dst, bias, y)
     return y
