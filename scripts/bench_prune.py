@@ -2,7 +2,7 @@
 end-to-end speed and memory of pruned 8B-shaped models (random weights) inside plain transformers.
 
     python scripts/bench_prune.py --out $OUT/bench_prune.json                    # H200/H100: ~2-3 minutes
-    python scripts/bench_prune.py --out $OUT/bench_prune.json --budget-s 100 --skip-e2e   # linears only, < 2 min
+    python scripts/bench_prune.py --out $OUT/bench_prune.json --budget-s 120 --skip-e2e   # linears only, ~2 min
     python scripts/bench_prune.py --device cpu --smoke --out /tmp/bench_prune.json  # CPU dry run, tiny shapes
                                                    # (sets TRITON_INTERPRET=1: the Triton 2:4 kernel interpreted)
 
@@ -10,15 +10,17 @@ end-to-end speed and memory of pruned 8B-shaped models (random weights) inside p
    2:4 by magnitude; dense bf16 `F.linear` vs `to_sparse_semi_structured` with cuSPARSELt and with CUTLASS, at
    M = 2048 (prefill), 32 (batch-32 decode), 16 and 1. Each timed call reads its own weight copy (>= 400 MB of copies,
    past L2), all copies replayed in one CUDA graph (eager if capture fails; the row says), median of
-   triton.testing.do_bench. Also our module `Sparse24Linear` (what `prune(pattern=2:4)` installs), checked against
-   the dense product. The device-to-device copy bandwidth is measured in the same run; decode rows give weight bytes
+   triton.testing.do_bench. Also our module `Sparse24Linear` (what `prune(pattern=2:4)` installs, timed eagerly
+   after 1b, so with its compiled and tuned kernels), checked against the dense product. The device-to-device copy bandwidth is measured in the same run; decode rows give weight bytes
    / time as % of it. `layer_speedup_*`: the 7 linears of one decoder layer, dense time / sparse time.
-1b. triton24: our Triton 2:4 kernel (hf_accel.kernels.sparse24: values + 2-bit positions, 0.5625x the dense bytes)
-   on the same pruned weights at the same M (M > 64: its tensor-core kernel, which the op would not pick), its own
-   weight copies past L2, CUDA graph. First the library's choice for every (shape, M), then, on CUDA and while the
-   budget lasts, a small launch-config sweep (5-6 candidates per case, round-robin over the cases so each gets its
-   likeliest ones first); a row keeps the fastest correct candidate (`kernel`, `config`, `default_ms`,
-   `candidates`), and `tuned_sparse24` in the JSON is the table to paste into kernels/sparse24.py's TUNED.
+1b. triton24: our Triton 2:4 kernels (hf_accel.kernels.sparse24: values + 2-bit positions, 0.5625x the dense bytes;
+   "mma" / "mma_xa": the tile decompressed in registers onto tensor cores) on the same pruned weights at M <= 64
+   (prefill is the semi-structured path's), its own weight copies past L2, CUDA graph. First the library's choice
+   for every (shape, M), then, on CUDA and while the budget lasts, a launch-config sweep (8-11 candidates per case,
+   round-robin over the cases so each gets its likeliest ones first); a row keeps the fastest correct candidate
+   (`kernel`, `config`, `default_ms`, `candidates`, `swept`), and `tuned_sparse24` in the JSON is the table to paste
+   into kernels/sparse24.py's TUNED. Every configuration compiles in worker processes from the start of the run
+   (`--warm-workers`, JSON `triton24_warmup`), so the sweep mostly finds them in Triton's cache.
    `layer_speedup_best_m*` counts the best of cuSPARSELt, CUTLASS and triton24 per shape.
 2. end to end (transformers `generate`, greedy, eager): dense 8B shape; the same with `prune(method=magnitude,
    pattern=2:4)` (Sparse24Linear); `shrink` 25% and 50% (structured, weight-norm scores: random weights).
