@@ -423,11 +423,12 @@ def _split_for(programs: int, steps: int, sms: int) -> int:
     return split
 
 
-def _split_for_warps(programs: int, warps: int, steps: int, sms: int, per_sm: int = 3) -> int:
+def _split_for_warps(programs: int, warps: int, steps: int, sms: int, per_sm: int = 6) -> int:
     """Split-K for the "mma" kernel: doubled (at most 8, >= 2 steps per split) until the grid holds `per_sm` warps
     per SM. At 60% of copy bandwidth an H200 SM must expand ~8.6 dense weights per clock, ~55 lane-instructions
-    (1.7 warp-instructions) per clock at 6.5 per weight: more than one or two warps with this loop's dependent
-    chains and wgmma waits can issue, so q/o and down (64-128 programs) get split. per_sm = 3 is a guess to tune."""
+    (1.7 warp-instructions) per clock at 6.5 per weight: one warp per scheduler with this loop's dependent chains
+    and MMA waits would be short of that, so q/o and down (64-128 programs) get split 4, k/v 8; gate/up (224
+    programs of 4 warps) none. per_sm = 6 is an estimate to check against the sweep's split 1 / 2 candidates."""
     split = 1
     while programs * warps * split < per_sm * sms and split < 8 and steps >= 2 * split:
         split *= 2

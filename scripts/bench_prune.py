@@ -227,12 +227,12 @@ def triton24_candidates(m, n, k, sms):
         return []
     xa64 = dict(kind="mma_xa", rows=64)  # x as the A operand of a 64-row wgmma: W^T from shared, no per-MMA wait
     if bm <= 16:
-        cands = [mma(32, 64, 2), mma(64, 64, 4), mma(64, 32, 4, **xa64), mma(128, 32, 8), mma(64, 32, 4, 4),
-                 mma(128, 32, 8, **xa64), mma(32, 64, 2, split=1), mma(64, 64, 4, split=1),
+        cands = [mma(32, 64, 2), mma(64, 64, 4), mma(64, 32, 4, **xa64), mma(128, 32, 8), mma(32, 64, 2, split=2),
+                 mma(64, 32, 4, 4), mma(128, 32, 8, **xa64), mma(32, 64, 2, split=1), mma(64, 64, 4, split=1),
                  mma(128, 32, 8, kind="mma_xa"), mma(16, 64, 1)]
     else:
-        cands = [mma(64, 64, 4), mma(64, 32, 4, **xa64), mma(128, 32, 8), mma(64, 32, 4, 4),
-                 mma(128, 32, 8, **xa64), mma(64, 64, 4, split=1), mma(128, 64, 8), mma(64, 32, 4, 3, 4)]
+        cands = [mma(64, 64, 4), mma(64, 32, 4, **xa64), mma(128, 32, 8), mma(64, 64, 4, split=2), mma(64, 32, 4, 4),
+                 mma(128, 32, 8, **xa64), mma(64, 64, 4, split=1), mma(128, 64, 8)]
     if m <= S.XSEL_MAX_M:
         cands.append(("xsel", LaunchConfig(block_n=4, block_k=min(1024, 4 * p2(groups)), block_m=p2(m),
                                            num_warps=4, split_k=2 if n <= 2048 else 1)))
