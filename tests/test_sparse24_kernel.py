@@ -98,6 +98,34 @@ def run_case(case, device: str, seed: int = 0) -> dict:
             "rel_err": ((y - ref).norm() / ref.norm()).item()}
 
 
+def every_position_pair() -> dict:
+    """A weight whose groups cycle through all six kept-position pairs (and one group with a single nonzero, one all
+    zero) through "mma" and "mma_xa": each pair's masks and shifts in `_expand_24` are exercised on purpose."""
+    from hf_accel.kernels import sparse24 as S
+    from hf_accel.kernels._base import LaunchConfig
+
+    gen = torch.Generator().manual_seed(8)
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    n, k = 16, 128
+    w = torch.zeros(n, k)
+    for r in range(n):
+        for g in range(k // 4):
+            for p in pairs[(r * 7 + g) % 6]:
+                w[r, 4 * g + p] = torch.randn(1, generator=gen).item()
+    w[0, 4:8] = torch.tensor([0.0, 0.0, 3.0, 0.0])
+    w[1, 8:12] = 0.0
+    w = w.to(torch.bfloat16)
+    values, meta = S.compress_24(w)
+    x = torch.randn(2, k, generator=gen).to(torch.bfloat16)
+    ref = x.double() @ w.double().T
+    res = {}
+    for kind, bm in (("mma", 16), ("mma_xa", 64)):
+        cfg = LaunchConfig(block_n=16, block_k=64, block_m=bm, num_warps=1)
+        y = S.sparse24_launch(x, values, meta, None, kind, cfg).double()
+        res[kind] = ((y - ref).norm() / ref.norm()).item()
+    return res
+
+
 def mma_split_paths() -> dict:
     """The "mma" kernel's two split-K reductions on one case: in-kernel (the last program of each tile sums the
     partials; the tile counters must be back at zero afterwards, and a second launch must give the same bits) and
@@ -206,6 +234,10 @@ def test_interpreted_model_through_kernel(interpreted):
     assert got["kinds"] == ["mma"] and got["launches"] >= 3 * 14, got
     assert max(got["rel_err"].values()) < 2e-2, got
     assert got["reload_identical"], got
+
+
+def test_interpreted_mma_every_position_pair(interpreted):
+    assert all(err < 1e-2 for err in interpreted["pairs"].values()), interpreted["pairs"]
 
 
 def test_interpreted_mma_split_k_both_reductions(interpreted):
@@ -403,4 +435,5 @@ if __name__ == "__main__":  # the child process of `interpreted`: TRITON_INTERPR
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     results = {c["id"]: c for c in (run_case(case, "cpu") for case in CPU_CASES)}
     tmp = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
-    print(json.dumps({"cases": results, "model": model_kernel_path(tmp), "mma_split": mma_split_paths()}))
+    print(json.dumps({"cases": results, "model": model_kernel_path(tmp), "mma_split": mma_split_paths(),
+                      "pairs": every_position_pair()}))
