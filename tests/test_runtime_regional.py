@@ -123,6 +123,17 @@ def test_kv_plugin_layers_do_not_recompile_per_layer(spec):
     assert counts[2] == counts[5] and set(counts[2]["entries"].values()) == {1}, counts
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "gpt2"])
+def test_other_architectures(arch):
+    """The regions are found by structure (the decoder layers' ModuleList, rotary_emb, norm / ln_f, the output
+    embeddings); GPT-2 passes the cache to its blocks positionally. Tokens are transformers', one entry per region."""
+    from conftest import build
+
+    ref = build(arch, seed=3)
+    counts = compiled_calls(ref, with_fast(ref), [([9], 8), ([4, 11, 7], 8)])
+    assert counts["entries"] and set(counts["entries"].values()) == {1}, counts
+
+
 def test_the_model_is_left_as_it_was():
     """The regions are routed for the duration of a step only: no module keeps an instance `forward`, and the
     eager prefill of the next call runs the modules' own code."""
