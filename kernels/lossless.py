@@ -1,4 +1,8 @@
-"""Lossless bf16 weights in 12 bits: a fixed-rate exponent code with escapes, random access, bit-exact decode.
+"""Lossless bf16 weights in ~11.6-12 bits: a fixed-rate exponent code with escapes, random access, bit-exact decode.
+
+Two layouts, chosen per layer by the plugin (the smaller): "code4" below (12.03 bits/weight on the 8B shapes), and
+"code3" (a 3-bit code for a window of 8 exponents, 11 bits + 32 per escape: ~11.63 bits at the 2% escapes of the
+trained references' statistics; see `encode3` and the code3 kernels further down).
 
 A bf16 weight is sign (1) | exponent (8) | mantissa (7). In a trained layer the exponents fill a narrow range
 (entropy ~2.6 bits), so the format keeps sign + mantissa as one byte and replaces the exponent by a 4-bit code:
@@ -449,7 +453,19 @@ if HAS_TRITON:
 
     # -- code3 ----------------------------------------------------------------------------------------------------
     @triton.jit
-    def _ll3_group(code_ptrs, E, mask, MASKED: tl.constexpr):
+    def _ll3_join(b0, b1, b2):
+        """Three uint8 tiles -> b0 | b1 << 8 | b2 << 16 (byte 3 undefined: the GEMV's shifts and masks never read
+        it) as two PRMTs per group, where the compiler extracts each byte and shifts/ors them (pack=4)."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; "
+            "prmt.b32 t, $4, $5, 0x0040; prmt.b32 $0, t, $6, 0x0410; "
+            "prmt.b32 t, $4, $5, 0x1151; prmt.b32 $1, t, $6, 0x0510; "
+            "prmt.b32 t, $4, $5, 0x2262; prmt.b32 $2, t, $6, 0x0610; "
+            "prmt.b32 t, $4, $5, 0x3373; prmt.b32 $3, t, $6, 0x0710; }",
+            "=r,=r,=r,=r,r,r,r", [b0, b1, b2], dtype=tl.int32, is_pure=True, pack=4)
+
+    @triton.jit
+    def _ll3_group(code_ptrs, E, mask, MASKED: tl.constexpr, ASM: tl.constexpr = False):
         """The 24-bit code groups of a tile (three byte planes E apart) as int32."""
         if MASKED:
             b0 = tl.load(code_ptrs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
@@ -459,6 +475,8 @@ if HAS_TRITON:
             b0 = tl.load(code_ptrs, eviction_policy="evict_first").to(tl.int32)
             b1 = tl.load(code_ptrs + E, eviction_policy="evict_first").to(tl.int32)
             b2 = tl.load(code_ptrs + 2 * E, eviction_policy="evict_first").to(tl.int32)
+        if ASM:
+            return _ll3_join(b0.to(tl.uint8), b1.to(tl.uint8), b2.to(tl.uint8))
         return b0 | (b1 << 8) | (b2 << 16)
 
     @triton.jit
@@ -486,20 +504,23 @@ if HAS_TRITON:
         return _ll_f32(c23, sb.to(tl.int32), base23)
 
     @triton.jit
-    def _ll3_escapes(x_row, ptr_ptr, esc_ptr, rn, rn_in, N, p, BLOCK_T: tl.constexpr):
-        """Per row: sum over its escapes of (w - P) x[col], P the placeholders' value. The row's escapes are
-        contiguous, so a [rows, BLOCK_T] tile of them loads with no dependence between lanes (one or two
-        iterations at 2% escapes), unlike a loop over escapes one at a time."""
-        start = tl.load(ptr_ptr + rn_in)
-        cnt = tl.where(rn < N, tl.load(ptr_ptr + rn_in + 1) - start, 0)
+    def _ll3_escape_chunk(x_row, word, has, p):
+        """(w - P) x[col] of a [rows, BLOCK_T] tile of escape words (P: the placeholders' value)."""
+        w = (word & -65536).to(tl.float32, bitcast=True)  # the exact bf16 bits, as fp32
+        xv = tl.load(x_row + (word & 0xFFFF), mask=has, other=0.0).to(tl.float32)
+        return w * xv - p * xv  # an empty slot has word 0 and xv 0: adds exactly 0
+
+    @triton.jit
+    def _ll3_escapes(x_row, esc_ptr, start, cnt, word0, has0, p, BLOCK_T: tl.constexpr):
+        """Per row: the sum of its escapes' corrections. A row's escapes are contiguous, so [rows, BLOCK_T] tiles
+        of them load with no dependence between lanes; the first tile (word0) was loaded before the main loop, so
+        its DRAM latency is hidden; BLOCK_T is sized from the layer's mean escapes per row (host side)."""
         rt = tl.arange(0, BLOCK_T)
-        corr = tl.zeros([rn.shape[0], BLOCK_T], dtype=tl.float32)
-        for t0 in range(0, tl.max(cnt, axis=0), BLOCK_T):
+        corr = _ll3_escape_chunk(x_row, word0, has0, p)
+        for t0 in range(BLOCK_T, tl.max(cnt, axis=0), BLOCK_T):
             has = (t0 + rt)[None, :] < cnt[:, None]
             word = tl.load(esc_ptr + start[:, None] + t0 + rt[None, :], mask=has, other=0)
-            w = (word & -65536).to(tl.float32, bitcast=True)  # the exact bf16 bits, as fp32
-            xv = tl.load(x_row + (word & 0xFFFF), mask=has, other=0.0).to(tl.float32)
-            corr += tl.where(has, w * xv - p * xv, 0.0)
+            corr += _ll3_escape_chunk(x_row, word, has, p)
         return tl.sum(corr, axis=1)
 
     @triton.jit
@@ -521,10 +542,16 @@ if HAS_TRITON:
         c_ptrs = code_ptr + row64 * (3 * E) + rk[None, :]
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
         x_ptrs = x_row + rk
+        # the first tile of this block's escapes, issued now and used after the loop
+        start = tl.load(ptr_ptr + rn_in)
+        cnt = tl.where(rn < N, tl.load(ptr_ptr + rn_in + 1) - start, 0)
+        rt = tl.arange(0, BLOCK_T)
+        has0 = rt[None, :] < cnt[:, None]
+        word0 = tl.load(esc_ptr + start[:, None] + rt[None, :], mask=has0, other=0)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for j0 in range(0, E, BLOCK_K):
             k_in = (j0 + rk) < E
-            g = _ll3_group(c_ptrs, E, k_in[None, :], not EVEN_K)
+            g = _ll3_group(c_ptrs, E, k_in[None, :], not EVEN_K, ASM)
             for s in tl.static_range(8):
                 if EVEN_K:
                     sb = tl.load(sm_ptrs + s * E, eviction_policy="evict_first")
@@ -538,7 +565,7 @@ if HAS_TRITON:
             c_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
-        y += _ll3_escapes(x_row, ptr_ptr, esc_ptr, rn, rn_in, N, base23.to(tl.float32, bitcast=True), BLOCK_T)
+        y += _ll3_escapes(x_row, esc_ptr, start, cnt, word0, has0, base23.to(tl.float32, bitcast=True), BLOCK_T)
         if HAS_BIAS:
             y += tl.load(b_ptr + rn_in).to(tl.float32)
         tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
@@ -638,7 +665,9 @@ def ll_decode(sm, code, base, ptr, col, val, out: torch.Tensor | None = None) ->
     return out
 
 
-GEMV3_M = int(os.environ.get("HF_ACCEL_LOSSLESS3_GEMV_M", "16"))  # code3: rows served by the GEMV; above: decode
+# code3: rows served by the GEMV (it decodes the tile once per row: ~8.5 instructions per weight and row, so above
+# ~4-6 rows decode + cuBLAS, 5.5 bytes per weight, wins; the bench measures both at M = 4 and 16); above: decode
+GEMV3_M = int(os.environ.get("HF_ACCEL_LOSSLESS3_GEMV_M", "4"))
 ASM3 = os.environ.get("HF_ACCEL_LOSSLESS3_ASM", "1") != "0"  # inline PTX in the code3 GEMV (see _ll3_place_sm)
 
 
@@ -653,6 +682,12 @@ def gemv3_default(m: int, n: int, k: int, sms: int) -> LaunchConfig:
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=warps)
 
 
+def escape_block(capacity: int, n: int) -> int:
+    """Escape tile width of the code3 GEMV: the layer's mean escapes per row (+25%), 16..128 (code3 capacities are
+    the exact counts, so this needs no device sync)."""
+    return min(128, max(16, triton.next_power_of_2(int(1.25 * capacity / max(1, n)) + 1)))
+
+
 def _check3(x2, sm, code):
     _check(x2, sm)
     if not code3_supported(sm.shape[1]) or code.shape != (sm.shape[0], 3 * (sm.shape[1] // 8)):
@@ -663,7 +698,7 @@ def ll3_gemv(x2, sm, code, base, ptr, esc, bias, cfg: LaunchConfig | None = None
              asm: bool | None = None) -> torch.Tensor:
     """asm: the inline-PTX byte placement and x conversion (default: on CUDA unless HF_ACCEL_LOSSLESS3_ASM=0;
     the interpreter runs the plain Triton expressions, which compute the same bits)."""
-    asm = (ASM3 and not interpreting()) if asm is None else asm
+    asm = (ASM3 if asm is None else asm) and not interpreting()  # the interpreter has no inline PTX
     m, k = x2.shape
     _check3(x2, sm, code)
     n, e = sm.shape[0], k // 8
@@ -672,7 +707,8 @@ def ll3_gemv(x2, sm, code, base, ptr, esc, bias, cfg: LaunchConfig | None = None
     grid = (m, triton.cdiv(n, cfg.block_n))
     _ll3_gemv[grid](x2, sm, code, base, ptr, esc, bias if bias is not None else x2, y, n, k, e,
                     x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, EVEN_K=e % cfg.block_k == 0,
-                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=32, ASM=asm, num_warps=cfg.num_warps,
+                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=escape_block(esc.numel(), n), ASM=asm,
+                    num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
     return y
 
