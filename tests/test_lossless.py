@@ -190,6 +190,8 @@ def run_case(case, device: str, seed: int = 0) -> dict:
     if kernel == "decode3-all":  # every bf16 bit pattern through the decode kernel
         w = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
     code3 = kernel.endswith("3") or kernel == "decode3-all"
+    if code3 and kernel != "decode3-all":  # row 1: a third of its weights far below the window, so its escapes
+        w[1, ::3] = (w[1, ::3].float() * 2.0 ** -40).to(torch.bfloat16)  # span several escape tiles
     parts = KL.encode3(w) if code3 else KL.encode(w, cap=KL.capacity(n, k, 0.05))
     args = [parts[key].to(device) for key in (PARTS3 if code3 else PARTS4)]
     out = {"id": case_id(case), "escapes": int(parts["ptr"][-1])}
@@ -335,6 +337,22 @@ def test_code4_layout_and_artifacts_saved_before_code3_load(tiny_bf16, tmp_path)
     for key in before:
         assert before[key].dtype == after[key].dtype and torch.equal(before[key], after[key]), key
     assert torch.equal(reloaded(ids).logits, ref)
+
+
+def test_layout_choice_per_layer():
+    from hf_accel.plugins.lossless import Lossless
+
+    row = {"code3_bits_per_weight": 11.6, "code4_bits_per_weight": 12.03}
+    assert Lossless().choose_layout(row) == "code3"
+    assert Lossless(layout="code4").choose_layout(row) == "code4"
+    assert Lossless().choose_layout({**row, "code3_bits_per_weight": 12.1}) == "code4"
+    assert Lossless(layout="code3").choose_layout({**row, "code3_bits_per_weight": None}) == "code4"  # K unsupported
+    assert Lossless().choose_layout({"code3_bits_per_weight": None, "code4_bits_per_weight": None}) is None
+    w = trained_like(64, 100, specials=False)  # K % 8 != 0: code3 does not apply, code4 does
+    from hf_accel.plugins.lossless import analyze_weight
+
+    stats = analyze_weight(w, KL.DEFAULT_MAX_ESCAPE_RATE)
+    assert stats["code3_bits_per_weight"] is None and Lossless().choose_layout(stats) == "code4"
 
 
 def test_layout_option_and_bad_code3_entries():
