@@ -289,7 +289,7 @@ def check_decode(layers) -> dict:
 
 
 def gemv3_candidates(quick: bool):
-    c = [(32, 128, 4), (16, 128, 2), (8, 128, 1), (16, 64, 2), (64, 64, 4), (16, 128, 4)]
+    c = [(32, 128, 4), (16, 128, 2), (8, 256, 4), (16, 64, 2), (64, 64, 4), (8, 128, 1)]
     return [LaunchConfig(block_n=n, block_k=k, num_warps=w) for n, k, w in (c[:3] if quick else c)]
 
 
