@@ -25,13 +25,16 @@ once per batch kind, 1 and > 1, 58-77 s each on an H200):
 It times decode (hf_accel.runtime.bench.measure: t(N new) - t(1 new), so the prefill cancels; 128 new tokens) of
 `fast` (full bf16 KV), `snapkv(budget=ctx/8, window=32)+fast`, `snapkv(budget=ctx/16)+fast` and
 `sink(window=ctx/8 - 4, sinks=4)+fast` (plugins/kv_cache/_fast_evict.py: layers of kept + new slots) and
-`h2o(budget=ctx/8)+fast` (budget + slack + 1 slots, evicting inside the CUDA graph) at 8k and 32k context, batch 1
-and 8, in priority order: 32k batch 8 (the issue's goal) for fast and both snapkv budgets, then 32k batch 1, then 8k;
-sink, then h2o last, at 32k only. Within 9 minutes h2o's rows are reached only with a filter on the families, which
-keeps the order among those kept:
+`h2o(budget=ctx/8)+fast` (budget + slack + 1 slots, evicting inside the CUDA graph) and
+`adakv(budget=ctx/8, window=32)+fast` (every head's kept slots in one flat pool per row) at 8k and 32k context,
+batch 1 and 8, in priority order: 32k batch 8 (the issue's goal) for fast and both snapkv budgets, then 32k batch 1,
+then 8k; sink, then h2o, then adakv last, at 32k only. Within 9 minutes the h2o and adakv rows are reached only with
+a filter on the families, which keeps the order among those kept:
 
     python3 scripts/bench_kv.py --preset h200-fast --contexts 32768 --evict-families fast h2o \
         --out $OUT/bench_kv_h2o_fast_h200.json    # fast b8, fast b1, h2o b8, h2o b1: ~8 min (4 compiles) on an H200
+    python3 scripts/bench_kv.py --preset h200-fast --contexts 32768 --batches 8 --evict-families fast h2o adakv \
+        --out $OUT/bench_kv_h2o_adakv_fast_h200.json    # batch 8 only: fast, h2o, adakv: ~7 min (3 compiles)
 
 Each row records tok/s, `kv_gb_held` (what the cache allocated), `kv_gb_read_per_step` and the copy-bandwidth limit;
 the summary has `<row>_speedup_vs_fast` and `<row>_kv_held_vs_fast`, e.g. `snapkv_1of8_fast_ctx32k_b8_speedup_vs_fast`
@@ -297,8 +300,9 @@ EVICT_FAST = [("fast", "fast", None),
               ("snapkv 1/8 + fast", "snapkv(budget={b}, window={win})+fast", 8),
               ("snapkv 1/16 + fast", "snapkv(budget={b}, window={win})+fast", 16),
               ("sink 1/8 + fast", "sink(window={w}, sinks=4)+fast", 8),
-              ("h2o 1/8 + fast", "h2o(budget={b})+fast", 8)]
-LAST_FAMILIES = ("sink", "h2o")  # run after the others, at the largest context only, in this order
+              ("h2o 1/8 + fast", "h2o(budget={b})+fast", 8),
+              ("adakv 1/8 + fast", "adakv(budget={b}, window={win})+fast", 8)]
+LAST_FAMILIES = ("sink", "h2o", "adakv")  # run after the others, at the largest context only, in this order
 
 
 def evict_family(label: str) -> str:
@@ -308,7 +312,7 @@ def evict_family(label: str) -> str:
 def evict_plan(contexts, batches, families=None):
     """(label, spec template, fraction, ctx, batch) in priority order: the issue's goal row (largest context, largest
     batch) for every spec first, then the largest context at the other batches, then the smaller contexts; sink,
-    then h2o last, at the largest context only. A spec family (fast, snapkv, sink, h2o) compiles once per batch kind
+    then h2o, then adakv, at the largest context only. A spec family (fast, snapkv, sink, h2o, adakv) compiles once per batch kind
     (1, > 1): a new budget or context only captures, so the order costs no extra compiles. `families`: only these
     (e.g. fast h2o: the baseline and h2o's rows in one run)."""
     ctxs, bs = sorted(contexts, reverse=True), sorted(batches, reverse=True)
@@ -614,7 +618,7 @@ def main(argv=None):
 
 
 def main_fast(args, device):
-    """--preset h200-fast: EVICT_FAST (fast, snapkv 1/8 and 1/16, sink 1/8, h2o 1/8) at 8k and 32k, batch 1 and 8; with
+    """--preset h200-fast: EVICT_FAST (fast, snapkv 1/8 and 1/16, sink 1/8, h2o 1/8, adakv 1/8) at 8k and 32k, batch 1 and 8; with
     --fast-kvquant also the kvquant kernel alone and FAST_KV (see the top of the file)."""
     start = time.perf_counter()
     contexts, batches, new, repeats = args.contexts, args.batches, 128, 2

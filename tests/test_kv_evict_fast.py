@@ -141,10 +141,9 @@ def test_memory_scales_with_the_budget(policy):
 # --- what stays in transformers' loop, multi-turn, remove -----------------------------------------------------------
 
 def test_unserved_combinations_fall_back():
-    """snapkv+kvquant and adakv have no fast layers: their calls run transformers' loop with the existing warning and
-    give what the plugins alone give (h2o has its layer: test_kv_h2o_fast.py)."""
-    for spec in ("snapkv(budget=48, window=4, slack=0)+kvquant(bits=8, group=16, residual=4)",
-                 "adakv(budget=24, window=4)"):
+    """snapkv+kvquant has no fast layers: its calls run transformers' loop with the existing warning and give what
+    the plugins alone give (h2o and adakv have layers: test_kv_h2o_fast.py, test_kv_adakv_fast.py)."""
+    for spec in ("snapkv(budget=48, window=4, slack=0)+kvquant(bits=8, group=16, residual=4)",):
         alone, fast = models("llama", spec)
         ids, mask = padded_batch([40, 17], 2)
         expected = greedy(alone, ids, mask, 20)

@@ -1,4 +1,5 @@
-"""`snapkv+fast`, `sink+fast`, `h2o+fast`: eviction inside the fast runtime, with layers as small as what they keep.
+"""`snapkv+fast`, `sink+fast`, `h2o+fast`, `adakv+fast`: eviction inside the fast runtime, in layers as small as
+what they keep.
 
 The runtime (hf_accel/runtime/__init__.py, contract point 2) asks this factory for one layer per decoder layer and
 bucket. `kv_capacity(T, new)` sizes them: the prompt tokens the policy keeps plus the new tokens, rounded up to
@@ -61,10 +62,27 @@ attention is order-blind), so nothing is ever compacted:
 The runtime's shared mask (`visible`) is head 0's live slots; `attend` does not read it. h2o needs the runtime's SDPA
 (`mask_kind` "fast": `fast_sdpa` hands `attend` the query); with other attention the factory refuses the call.
 
+adakv: head-wise budgets (`AdaKVStaticLayer`). Heads keep different numbers of tokens (per row too), known only
+after the prefill, while the runtime sizes the layers before it. A padded per-head layout would have to take the
+worst case, min(T, H x budget - (H - 1) x ceil(floor x budget)) slots per head (6.6x the budget at H = 8, floor
+0.2), or at best the widest head's count (`widest_head`, recorded at each prefill; 1.8x the budget on the tiny test
+models). Instead every KV head's kept tokens of a row share one flat pool: the storage the runtime sizes as
+[B, H, C, D] with C = min(T, budget) + new (aligned), viewed as [B, 1, H x C, D], each slot tagged with its KV head
+(`head`) and sequence slot (`pos`), int32 each. The prefill runs adakv's own `AdaKVLayer._compress` (votes,
+allocation) on the prompt (the attention hook hands over its queries) and packs each row's kept slots head after
+head into [0, budget x H); new token i of KV head j goes to slot budget x H + i x H + j (laid out at the prefill,
+so decode is one `index_copy_`). So the K/V bytes are exactly snapkv's at the same budget (H x (budget + new) slots
+per row), plus 8 bytes per slot of tags. The price is in the decode attention (`attend`, through `fast_sdpa` like
+h2o's): every query head's logits are taken over the whole pool and masked to its KV head's slots (head tag, pos
+<= the step's slot), so K/V are read once but q.K and p.V cost H x the FLOPs, with a float32 logits tensor
+[B, Hq, H x C] (a quarter of the K/V bytes at head_dim 128, G = 4, which the softmax passes over a few times).
+Decode appends to every head, as adakv. Tokens equal adakv alone (tests/test_kv_adakv_fast.py); a Triton kernel
+that reads each head's segment only is left to do.
+
 Everything the decode step does is fixed-shape device arithmetic (capturable, compiled with the step); the prefill
 runs eagerly and may sync. A one-token prompt is refused (transformers then builds the prompt's mask over the
-layer's capacity). kvquant with an eviction policy and adakv (per-head budgets) have no layer here: those calls run
-transformers' loop (`Unsupported`).
+layer's capacity). kvquant with an eviction policy has no layer here: those calls run transformers' loop
+(`Unsupported`).
 """
 
 from __future__ import annotations
@@ -80,6 +98,7 @@ from hf_accel.runtime.attention import mask_kind
 from ._layers import PENDING, _gather
 
 ALIGN = 64  # storage slots are rounded up to this (fewer buckets; masked slots cost bandwidth)
+SELF_ATTENDING = ("h2o", "adakv")  # their decode `update` returns a view whose `attend` fast_sdpa calls
 
 
 def kept_tokens(policy, prompt_len: int) -> int:
@@ -252,9 +271,9 @@ class EvictStaticLayer(RuntimeLayer):
 EMPTY = -2  # h2o: `pos` of a storage slot that holds no token (never written, or freed by an eviction)
 
 
-class H2OAttention:
-    """What an h2o layer's decode `update` returns as both keys and values: `fast_sdpa` calls `attend`, the layer's
-    own attention, which also accumulates the step's attention weights and evicts (contract point 2)."""
+class OwnAttention:
+    """What an h2o or adakv layer's decode `update` returns as both keys and values: `fast_sdpa` calls `attend`, the
+    layer's own attention (h2o's also accumulates the step's weights and evicts; contract point 2)."""
 
     def __init__(self, layer: "H2OStaticLayer"):
         self.layer = layer
@@ -263,7 +282,7 @@ class H2OAttention:
         return self.layer.attend(query, scale)
 
     def materialize(self):
-        raise Unsupported("h2o under 'fast' scores each decode step inside its own attention; this attention call "
+        raise Unsupported(f"{self.layer.policy.name} under 'fast' attends inside its own layer; this attention call "
                           "(dropout, softcapping or a 2-D mask) cannot be served by it", whole_model=False)
 
 
@@ -339,7 +358,7 @@ class H2OStaticLayer(EvictStaticLayer):
         self.values.scatter_(2, free[..., None].expand(b, h, 1, d), value_states)
         self.pos.scatter_(2, free, self.slots.to(self.pos.dtype).expand(b, h, 1))
         self.acc.scatter_(2, free, 0.0)
-        view = H2OAttention(self)
+        view = OwnAttention(self)
         return view, view
 
     def attend(self, query: torch.Tensor, scale: float) -> torch.Tensor:
@@ -376,9 +395,136 @@ class H2OStaticLayer(EvictStaticLayer):
         return live[:, None, :].expand(live.shape[0], slots.shape[-1], c)
 
 
+class AdaKVStaticLayer(EvictStaticLayer):
+    """adakv's layer for the fast runtime: every KV head's kept tokens of a row share one flat pool of H x C slots
+    (the storage the runtime sizes as [B, H, C, D], viewed [B, 1, H*C, D]), each slot tagged with its KV head
+    (`head`) and sequence slot (`pos`, -1 nothing). See "adakv" in the module docstring."""
+
+    per_row_slots = False  # one token per step (the new tokens' slots are laid out per step at the prefill)
+
+    def __init__(self, layer_idx, keys, values, book, policy, head: torch.Tensor, pos: torch.Tensor):
+        super().__init__(layer_idx, keys, values, book, policy)
+        b, h, c, d = keys.shape
+        self.flat_keys, self.flat_values = keys.view(b, 1, h * c, d), values.view(b, 1, h * c, d)
+        self.head_grid, self.pos_grid = head, pos  # [B, H, C] int32 (what the runtime marks dynamic)
+        self.head, self.pos = head.view(b, h * c), pos.view(b, h * c)
+        self.widest_head = 0  # most slots one (row, KV head) kept at the last prefill: a padded layout's width
+
+    def dynamic_dims(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        batched = self.keys.shape[0] > 1
+        grid, flat = ((0, 2), (0, 1)) if batched else ((2,), (1,))
+        return ([(t, grid) for t in (self.keys, self.values, self.head_grid, self.pos_grid)]
+                + [(t, grid) for t in (self.flat_keys, self.flat_values)] + [(t, flat) for t in (self.head, self.pos)])
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.head.nbytes + self.pos.nbytes
+
+    # -- prefill (eager): adakv's own selection (AdaKVLayer._compress on the prompt), packed head after head ----------
+    def _prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows, (r, h, t, d) = self.prefill_rows, k.shape
+        if h != self.keys.shape[1] or d != self.keys.shape[3]:
+            raise Unsupported(f"keys of shape {tuple(k.shape)} do not fit a cache of {self.keys.shape[1]} heads x "
+                              f"{self.keys.shape[3]} dims")
+        if t == 1:  # transformers then builds the prompt's mask over the layer's capacity, not over the one key
+            raise Unsupported("adakv under 'fast' needs a prompt of at least 2 tokens", whole_model=False)
+        width = min(t, self.policy.budget) * h  # flat slots of the kept prompt (AdaKVLayer keeps budget x H at most)
+        if width + h > self.head.shape[1]:
+            raise Unsupported(f"adakv: {width} kept slots do not fit {self.head.shape[1]}", whole_model=False)
+        if rows.start == 0:  # a new prompt: new token i of KV head j goes to flat slot width + i * H + j
+            self._lay_out_new_tokens(t, width, h)
+            if self.layer_idx == 0:
+                self.book.meta.copy_(torch.tensor([t, width, self.policy.budget, 0, 0]))
+        valid = self.prefill_valid
+        valid = torch.ones(r, t, dtype=torch.bool, device=k.device) if valid is None else valid.to(k.device).bool()
+        pos = torch.where(valid, torch.arange(t, device=k.device, dtype=torch.int32), -1)
+        self.written = False
+        self.pending = (k, v, pos)
+        if t > self.policy.budget:  # AdaKVLayer compresses a prompt longer than the budget, with its queries
+            PENDING.set(self)
+        else:
+            self._store([k[:, i:i + 1] for i in range(h)], [v[:, i:i + 1] for i in range(h)], [pos] * h)
+
+    def _lay_out_new_tokens(self, t: int, width: int, h: int) -> None:
+        self.widest_head = 0
+        self.head.fill_(-1)
+        self.pos.fill_(-1)
+        n = self.head.shape[1] - width
+        j = torch.arange(n, device=self.head.device, dtype=torch.int32)
+        self.head[:, width:] = j % h
+        self.pos[:, width:] = t + torch.div(j, h, rounding_mode="floor")
+
+    def observe(self, query, keys, scaling) -> None:
+        """The prompt's queries: AdaKVLayer's votes and allocation, run on an AdaKVLayer holding the prompt."""
+        from .adakv import AdaKVLayer
+
+        PENDING.set(None)
+        k, v, pos = self.pending
+        t, h = k.shape[2], k.shape[1]
+        stand = AdaKVLayer(None, self.layer_idx, self.policy)
+        stand.hk, stand.hv = [k[:, i:i + 1] for i in range(h)], [v[:, i:i + 1] for i in range(h)]
+        stand.hpos = [pos] * h
+        stand.q_pos, stand.seen = torch.arange(t, device=k.device), t
+        stand._compress(query, scaling)
+        self._store(stand.hk, stand.hv, stand.hpos)
+
+    def _store(self, hk: list, hv: list, hpos: list) -> None:
+        """Per KV head i: K/V [r, 1, n_i, D] and positions [r, n_i] (-1 empty) -> the rows' flat pools, each row's
+        kept slots first (head after head), its empty ones dropped."""
+        self.pending = None
+        rows = self.prefill_rows
+        keys, values = torch.cat(hk, dim=2)[:, 0], torch.cat(hv, dim=2)[:, 0]  # [r, sum n_i, D]
+        pos = torch.cat(hpos, dim=1)
+        head = torch.cat([torch.full_like(p, i) for i, p in enumerate(hpos)], dim=1)
+        kept = pos >= 0
+        self.widest_head = max(self.widest_head, max(int(p.ge(0).sum(1).max()) for p in hpos))
+        n = min(int(kept.sum(1).max()), int(self.book.meta[1]))
+        order = (~kept).to(torch.int8).argsort(dim=1, stable=True)[:, :n]  # kept first, in head order
+        keep = kept.gather(1, order)
+        self.flat_keys[rows, 0, :n] = _gather(keys[:, None], order[:, None])[:, 0]
+        self.flat_values[rows, 0, :n] = _gather(values[:, None], order[:, None])[:, 0]
+        self.pos[rows, :n] = torch.where(keep, pos.gather(1, order), -1)
+        self.head[rows, :n] = torch.where(keep, head.gather(1, order), -1)
+        self.written = True
+
+    # -- decode (capturable) -----------------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.prefill_rows is not None:
+            self._prefill(key_states, value_states)
+            return key_states, value_states
+        if self.pending is not None:
+            raise Unsupported(f"adakv: layer {self.layer_idx} never received the prompt's queries (the model's "
+                              "attention bypasses hf_accel's attention hook)", whole_model=False)
+        b, h, q, d = key_states.shape
+        if q != 1 or self.slots.dim() != 1:
+            raise Unsupported(f"adakv under 'fast' decodes one token per step; got {q} tokens", whole_model=False)
+        t, width = self.book.meta[0:1], self.book.meta[1:2]
+        flat = width + (self.slots - t) * h + torch.arange(h, device=key_states.device)
+        flat = flat.clamp(max=self.head.shape[1] - 1)  # steps past the end (the host reads `done` late) stay inside
+        self.flat_keys.index_copy_(2, flat, key_states.transpose(1, 2))
+        self.flat_values.index_copy_(2, flat, value_states.transpose(1, 2))
+        view = OwnAttention(self)
+        return view, view
+
+    def attend(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """[B, 1, Hq, D]: each query head over the pool's slots of its KV head up to this step (a mask of its own)."""
+        b, hq, _, d = query.shape
+        groups = hq // self.keys.shape[1]
+        logits = torch.matmul(query.reshape(b, 1, hq, d), self.flat_keys.transpose(-1, -2)).float() * scale
+        kv_head = torch.arange(hq, device=query.device, dtype=torch.int32) // groups  # [Hq]
+        mine = (self.head[:, None, :] == kv_head[None, :, None]) & (self.pos[:, None, :] >= 0)
+        mine = mine & (self.pos[:, None, :] <= self.slots)  # [B, Hq, N]
+        probs = logits.masked_fill(~mine[:, None], -math.inf).softmax(-1)
+        return torch.matmul(probs.to(self.flat_values.dtype), self.flat_values)  # [B, 1, Hq, D]
+
+    def visible(self, slots: torch.Tensor) -> torch.Tensor:
+        """The runtime's mask (its [B, Q, C] shape): all visible; `attend` masks each query head itself."""
+        b, c = self.keys.shape[0], self.keys.shape[2]
+        return torch.ones(b, slots.shape[-1], c, dtype=torch.bool, device=self.keys.device)
+
+
 class EvictLayerFactory:
-    """The `_hf_accel_kv_layer` factory snapkv, sink and h2o install. Its layers are views into one flat K and V storage
-    per decoder layer that grows only when a larger bucket needs it (as `KVPool`); `release()` frees it."""
+    """The `_hf_accel_kv_layer` factory snapkv, sink, h2o and adakv install. Its layers are views into one flat K and V
+    storage per decoder layer that grows only when a larger bucket needs it (as `KVPool`); `release()` frees it."""
 
     def __init__(self, model):
         self.model = weakref.ref(model)  # asked for its policy at each call
@@ -400,9 +546,9 @@ class EvictLayerFactory:
         if getattr(model, QUANT_ATTR, None) is not None:
             raise Unsupported(f"kvquant combined with the eviction policy {policy.name!r} has no layer for the fast "
                               "runtime", whole_model=False)
-        if policy.name == "h2o" and mask_kind(model) != "fast":
-            raise Unsupported("h2o under 'fast' scores each decode step inside its own attention, which only the "
-                              "runtime's SDPA (`fast_sdpa`) hands over; load the model with attn_implementation='sdpa' "
+        if policy.name in SELF_ATTENDING and mask_kind(model) != "fast":
+            raise Unsupported(f"{policy.name} under 'fast' attends inside its own layer, which only the runtime's "
+                              "SDPA (`fast_sdpa`) hands over; load the model with attn_implementation='sdpa' "
                               f"(this one uses {model.config._attn_implementation!r})", whole_model=False)
         return policy
 
@@ -413,6 +559,8 @@ class EvictLayerFactory:
             policy = self.policy()
         except Unsupported:
             return prompt_len + new_tokens  # the call will be refused by __call__
+        if policy.name == "adakv":  # a flat pool of budget x H kept + H per new token = H x (kept + new) slots
+            return ALIGN * math.ceil((min(prompt_len, policy.budget) + new_tokens) / ALIGN)
         slots = kept_tokens(policy, prompt_len) + new_tokens
         if policy.name == "h2o":
             slots = min(slots, policy.budget + policy.slack + 1)
@@ -429,6 +577,10 @@ class EvictLayerFactory:
             pos = self._view(layer_idx, "pos", shape[:3], torch.int32, device)
             acc = self._view(layer_idx, "acc", shape[:3], torch.float32, device)
             return H2OStaticLayer(layer_idx, keys, values, self.books[key], policy, pos, acc)
+        if policy.name == "adakv":
+            head = self._view(layer_idx, "head", shape[:3], torch.int32, device)
+            pos = self._view(layer_idx, "pos", shape[:3], torch.int32, device)
+            return AdaKVStaticLayer(layer_idx, keys, values, self.books[key], policy, head, pos)
         return EvictStaticLayer(layer_idx, keys, values, self.books[key], policy)
 
     def _view(self, layer_idx: int, name: str, shape: tuple, dtype, device) -> torch.Tensor:

@@ -14,6 +14,10 @@ keeps 10 tokens holds 10 slots, not a masked full-length tensor; with batch 1 th
 `budget * num_kv_heads` prompt slots. Attention (`attend`, called by hf_accel's attention hook) runs per KV head by
 grouped SDPA over that head's slots with a mask built from their positions (causal, pad-aware, per row and head):
 exact for what is kept.
+
+`adakv+fast` (`_fast_evict.AdaKVStaticLayer`): the same selection at the prompt, stored for the fast runtime as one
+flat pool per row of budget x heads kept slots (+ heads per new token), each tagged with its KV head; decode steps
+attend over the pool with a per-head mask inside the CUDA graph. Same K/V bytes as this layout, same tokens.
 """
 
 from __future__ import annotations
@@ -198,6 +202,7 @@ class AdaKVPolicy(KVPlugin):
 
     name = "adakv"
     needs_attention = True  # the layer attends over its per-head storage itself, through the attention hook
+    fast_servable = True  # `adakv+fast`: one flat pool of every head's kept slots per row (_fast_evict.py)
     conflicts_with = KV_PLUGINS + ("adakv", "kvquant")
     budget: int = 1024  # mean prompt tokens kept per KV head (the layer keeps budget x num_kv_heads per row)
     window: int = 32  # observation window: the last prompt queries vote, and are always kept
@@ -221,6 +226,14 @@ class AdaKVPolicy(KVPlugin):
 
     def make_layer(self, cache, layer_idx):
         return AdaKVLayer(cache, layer_idx, self)
+
+    def apply(self, model, patcher):
+        super().apply(model, patcher)
+        from hf_accel.runtime.cache import KV_LAYER_ATTR
+
+        from ._fast_evict import EvictLayerFactory
+
+        patcher.set_attr(model, KV_LAYER_ATTR, EvictLayerFactory(model))
 
     def card_metadata(self, model):
         return {"kv_budget_tokens": self.budget, "kv_head_floor": self.floor}
