@@ -32,19 +32,24 @@ SPECS = [SNAP, SNAP_SLACK, SINK, SINK_NO_SLACK]
 CALLS = [([60], 40), ([70, 30, 55], 40), ([20], 30), ([100, 5], 60), ([9, 120, 33], 25), ([45], 80)]
 
 
-def evict_layers(model):
+def runtime_layers(model, layer_type=EvictStaticLayer):
+    """The fast runtime's cache layers of every session, each checked to be a `layer_type`."""
     layers = [layer for s in get_runtime(model).sessions.values() for layer in s.cache.layers]
-    assert layers and all(isinstance(layer, EvictStaticLayer) for layer in layers)
+    assert layers and all(isinstance(layer, layer_type) for layer in layers)
     return layers
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("spec", SPECS)
-def test_greedy_equals_the_policy_alone(arch, spec):
+def evict_layers(model):
+    return runtime_layers(model)
+
+
+def assert_fast_equals_alone(arch, spec, calls, layer_type=EvictStaticLayer):
+    """Greedy tokens of `spec+fast` equal `spec` alone on every call (batch 1 and left-padded), with no fallback
+    and no full-size pool, and eviction really changes tokens against the unevicted model."""
     alone, fast = models(arch, spec)
     plain = build(arch)
     changed = 0
-    for seed, (lengths, new) in enumerate(CALLS):
+    for seed, (lengths, new) in enumerate(calls):
         ids, mask = padded_batch(lengths, seed)
         expected = greedy(alone, ids, mask, new)
         with warnings.catch_warnings():
@@ -53,10 +58,75 @@ def test_greedy_equals_the_policy_alone(arch, spec):
         assert torch.equal(got, expected), (spec, lengths)
         changed += int((greedy(plain, ids, mask, new) != expected).sum())
     rt = get_runtime(fast)
-    assert rt.stats["calls"] == len(CALLS) and rt.stats["fallbacks"] == 0
+    assert rt.stats["calls"] == len(calls) and rt.stats["fallbacks"] == 0
     assert rt.pool.k == [] and rt.pool.v == []  # no full-size pool next to the small layers
-    evict_layers(fast)
+    runtime_layers(fast, layer_type)
     assert changed > 20, changed  # eviction changes these tokens: the equality is the policy's, not the full cache's
+
+
+def tiny_reference_batch():
+    """The trained `tiny` reference and a left-padded batch of 3 held-out-style code prompts (skips if not built)."""
+    from hf_accel.quality.reference import load_reference
+
+    try:
+        base, tok = load_reference("tiny")
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f"tiny reference model not built: {e}")
+    text = ("def parse(line):\n    key, value = line.split('=', 1)\n    return key.strip(), value.strip()\n\n"
+            "class Config:\n    def __init__(self, path):\n        self.path = path\n        self.items = {}\n"
+            "        with open(path) as f:\n            for line in f:\n                if '=' in line:\n")
+    full = tok(text, return_tensors="pt").input_ids[0]
+    rows = [full[:n] for n in (len(full), len(full) - 30, len(full) - 55)]
+    t = len(full)
+    ids = torch.full((3, t), tok.pad_token_id or 0)
+    mask = torch.zeros(3, t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    return base, ids, mask
+
+
+def assert_tiny_reference_equal(specs, new_tokens) -> int:
+    """On the trained `tiny` reference, `spec+fast` equals `spec` alone at batch 1 and 3 for every spec; returns how
+    many tokens the policies changed against the full cache."""
+    base, ids, mask = tiny_reference_batch()
+    changed = 0
+    for spec in specs:
+        alone, fast = copy.deepcopy(base), copy.deepcopy(base)
+        hf_accel.apply(alone, spec)
+        hf_accel.apply(fast, spec + "+fast")
+        for b in (1, 3):
+            expected = greedy(alone, ids[:b], mask[:b], new_tokens)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = greedy(fast, ids[:b], mask[:b], new_tokens)
+            assert torch.equal(got, expected), (spec, b)
+            changed += int((greedy(base, ids[:b], mask[:b], new_tokens) != expected).sum())
+        assert get_runtime(fast).stats["calls"] == 2
+    return changed
+
+
+def assert_compiles_twice(spec, calls):
+    """inductor on the CPU: over calls in several buckets the decode step compiles twice (batch 1, batch >= 2) and
+    the tokens stay the policy's."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    alone, fast = models("llama", spec)
+    rt = get_runtime(fast)
+    rt._follow_model()
+    rt.use_compile = True
+    for seed, (lengths, new) in enumerate(calls):
+        ids, mask = padded_batch(lengths, seed)
+        assert torch.equal(greedy(fast, ids, mask, new), greedy(alone, ids, mask, new)), (spec, lengths)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2, spec
+    assert rt.stats["calls"] == len(calls) and rt.stats["fallbacks"] == 0 and not rt.warned
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_greedy_equals_the_policy_alone(arch, spec):
+    assert_fast_equals_alone(arch, spec, CALLS)
 
 
 @pytest.mark.parametrize("arch", ["gemma", "gpt2", "mistral"])
@@ -235,51 +305,11 @@ def test_decode_update_and_mask_trace_without_graph_breaks(spec):
 def test_trained_tiny_reference():
     """The trained `tiny` reference on held-out text: snapkv+fast and sink+fast equal the policies alone at batch 1
     and a left-padded batch of 3."""
-    from hf_accel.quality.reference import load_reference
-
-    try:
-        base, tok = load_reference("tiny")
-    except (FileNotFoundError, OSError) as e:
-        pytest.skip(f"tiny reference model not built: {e}")
-    text = ("def parse(line):\n    key, value = line.split('=', 1)\n    return key.strip(), value.strip()\n\n"
-            "class Config:\n    def __init__(self, path):\n        self.path = path\n        self.items = {}\n"
-            "        with open(path) as f:\n            for line in f:\n                if '=' in line:\n")
-    full = tok(text, return_tensors="pt").input_ids[0]
-    rows = [full[:n] for n in (len(full), len(full) - 30, len(full) - 55)]
-    t = len(full)
-    ids = torch.full((3, t), tok.pad_token_id or 0)
-    mask = torch.zeros(3, t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
-    for spec in ("snapkv(budget=32, window=8, slack=0)", "sink(window=24, sinks=4, slack=4)"):
-        alone = copy.deepcopy(base)
-        fast = copy.deepcopy(base)
-        hf_accel.apply(alone, spec)
-        hf_accel.apply(fast, spec + "+fast")
-        for b in (1, 3):
-            expected = greedy(alone, ids[:b], mask[:b], 24)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                got = greedy(fast, ids[:b], mask[:b], 24)
-            assert torch.equal(got, expected), (spec, b)
-        assert get_runtime(fast).stats["calls"] == 2
+    assert_tiny_reference_equal(("snapkv(budget=32, window=8, slack=0)", "sink(window=24, sinks=4, slack=4)"), 24)
 
 
 @pytest.mark.slow
 def test_compiled_decode_step_matches_and_compiles_twice():
-    """inductor's CPU backend: the layers mark their storage capacity (and batch) symbolic, so calls in several
-    buckets cost two compiles (batch 1, batch >= 2), and the tokens stay the policies'."""
-    import torch._dynamo.utils as dynamo_utils
-
+    """The layers mark their storage capacity (and batch) symbolic, so calls in several buckets cost two compiles."""
     for spec in (SNAP, SINK):
-        torch._dynamo.reset()
-        before = dynamo_utils.counters["stats"]["unique_graphs"]
-        alone, fast = models("llama", spec)
-        rt = get_runtime(fast)
-        rt._follow_model()
-        rt.use_compile = True
-        for seed, (lengths, new) in enumerate([([60], 8), ([300], 6), ([70, 30, 55], 8), ([200] * 5, 4), ([40], 70)]):
-            ids, mask = padded_batch(lengths, seed)
-            assert torch.equal(greedy(fast, ids, mask, new), greedy(alone, ids, mask, new)), (spec, lengths)
-        assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2, spec
-        assert rt.stats["calls"] == 5 and rt.stats["fallbacks"] == 0 and not rt.warned
+        assert_compiles_twice(spec, [([60], 8), ([300], 6), ([70, 30, 55], 8), ([200] * 5, 4), ([40], 70)])

@@ -10,12 +10,12 @@ scores directly, so a layer that evicts the wrong slot, or forgets to accumulate
 
 from __future__ import annotations
 
-import copy
-import warnings
 
 import pytest
 import torch
 from conftest import build
+from test_kv_evict_fast import (assert_compiles_twice, assert_fast_equals_alone, assert_tiny_reference_equal,
+                                runtime_layers)
 from test_kv_fast import greedy, models
 from test_runtime import padded_batch
 
@@ -34,30 +34,13 @@ CALLS = [([60], 40), ([70, 30, 55], 40), ([20], 30), ([100, 5], 60), ([9, 120, 3
 
 
 def h2o_layers(model):
-    layers = [layer for s in get_runtime(model).sessions.values() for layer in s.cache.layers]
-    assert layers and all(isinstance(layer, H2OStaticLayer) for layer in layers)
-    return layers
+    return runtime_layers(model, H2OStaticLayer)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_greedy_equals_h2o_alone(arch, spec):
-    alone, fast = models(arch, spec)
-    plain = build(arch)
-    changed = 0
-    for seed, (lengths, new) in enumerate(CALLS):
-        ids, mask = padded_batch(lengths, seed)
-        expected = greedy(alone, ids, mask, new)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no fallback warning
-            got = greedy(fast, ids, mask, new)
-        assert torch.equal(got, expected), (spec, lengths)
-        changed += int((greedy(plain, ids, mask, new) != expected).sum())
-    rt = get_runtime(fast)
-    assert rt.stats["calls"] == len(CALLS) and rt.stats["fallbacks"] == 0
-    assert rt.pool.k == [] and rt.pool.v == []  # no full-size pool next to the small layers
-    h2o_layers(fast)
-    assert changed > 20, changed  # eviction changes these tokens: the equality is h2o's, not the full cache's
+    assert_fast_equals_alone(arch, spec, CALLS, H2OStaticLayer)
 
 
 def _kept(positions: torch.Tensor, scores: torch.Tensor):
@@ -180,53 +163,11 @@ def test_decode_traces_without_graph_breaks():
 def test_trained_tiny_reference():
     """The trained `tiny` reference on held-out text: h2o+fast equals h2o alone at batch 1 and a left-padded batch
     of 3, and h2o changes tokens against the full cache there."""
-    from hf_accel.quality.reference import load_reference
-
-    try:
-        base, tok = load_reference("tiny")
-    except (FileNotFoundError, OSError) as e:
-        pytest.skip(f"tiny reference model not built: {e}")
-    text = ("def parse(line):\n    key, value = line.split('=', 1)\n    return key.strip(), value.strip()\n\n"
-            "class Config:\n    def __init__(self, path):\n        self.path = path\n        self.items = {}\n"
-            "        with open(path) as f:\n            for line in f:\n                if '=' in line:\n")
-    full = tok(text, return_tensors="pt").input_ids[0]
-    rows = [full[:n] for n in (len(full), len(full) - 30, len(full) - 55)]
-    t = len(full)
-    ids = torch.full((3, t), tok.pad_token_id or 0)
-    mask = torch.zeros(3, t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
-    changed = 0
-    for spec in ("h2o(budget=32, recent=8, slack=0)", "h2o(budget=24, slack=3)"):
-        alone = copy.deepcopy(base)
-        fast = copy.deepcopy(base)
-        hf_accel.apply(alone, spec)
-        hf_accel.apply(fast, spec + "+fast")
-        for b in (1, 3):
-            expected = greedy(alone, ids[:b], mask[:b], 40)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                got = greedy(fast, ids[:b], mask[:b], 40)
-            assert torch.equal(got, expected), (spec, b)
-            changed += int((greedy(base, ids[:b], mask[:b], 40) != expected).sum())
-        assert get_runtime(fast).stats["calls"] == 2
-    assert changed > 0
+    assert assert_tiny_reference_equal(("h2o(budget=32, recent=8, slack=0)", "h2o(budget=24, slack=3)"), 40) > 0
 
 
 @pytest.mark.slow
 def test_compiled_decode_step_matches_and_compiles_twice():
     """inductor's CPU backend: with capacity (and batch) symbolic, calls in several buckets cost two compiles (batch
     1, batch >= 2), and the tokens stay h2o's."""
-    import torch._dynamo.utils as dynamo_utils
-
-    torch._dynamo.reset()
-    before = dynamo_utils.counters["stats"]["unique_graphs"]
-    alone, fast = models("llama", H2O_SLACK)
-    rt = get_runtime(fast)
-    rt._follow_model()
-    rt.use_compile = True
-    for seed, (lengths, new) in enumerate([([60], 8), ([300], 40), ([70, 30, 55], 30), ([200] * 5, 4), ([40], 70)]):
-        ids, mask = padded_batch(lengths, seed)
-        assert torch.equal(greedy(fast, ids, mask, new), greedy(alone, ids, mask, new)), lengths
-    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2
-    assert rt.stats["calls"] == 5 and rt.stats["fallbacks"] == 0 and not rt.warned
+    assert_compiles_twice(H2O_SLACK, [([60], 8), ([300], 40), ([70, 30, 55], 30), ([200] * 5, 4), ([40], 70)])
