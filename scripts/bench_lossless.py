@@ -692,7 +692,21 @@ def sizes_only(args, hist: torch.Tensor, hinfo: dict) -> dict:
     for d in dict.fromkeys([str(TINY)] + ([args.reference] if args.reference else [])):
         rows = reference_sizes(Path(d), args.max_escape_rate)
         out["references"][d] = {"totals": totals(rows), "layers": rows}
+    out["summary"] = sizes_summary(out)
     return out
+
+
+def sizes_summary(out: dict) -> dict:
+    """The headline size figures (bits per weight and % smaller than bf16, per layout) with the run's facts."""
+    s = {"command": out["command"], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "versions": {"torch": torch.__version__, "python": platform.python_version()}, "gpu": None}
+    named = {"8b": out["synthetic_8b"]["totals"]}
+    named.update({Path(d).name: r["totals"] for d, r in out["references"].items()})
+    for name, tot in named.items():
+        for layout in ("code4", "code3", "auto"):
+            s[f"bits_per_weight_{name}_{layout}"] = tot[layout]["bits_per_weight"]
+            s[f"size_reduction_pct_{name}_{layout}"] = tot[layout]["size_reduction_pct"]
+    return s
 
 
 def shape_summary(rows: list) -> dict:
