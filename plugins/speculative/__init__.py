@@ -30,6 +30,12 @@ serve (e.g. a KV plugin's layers without per-row slots at batch > 1, or, for Med
 the eager cache, with one warning per reason; a call speculative decoding cannot serve (repetition penalty, beam
 search, ...) goes to the runtime's own loop.
 
+With a KV plugin (`fast+sink+draft(...)`, `fast+snapkv+lookup`, `fast+kvquant+...` at batch 1) the verify
+forwards run on the plugin's own runtime layers, and the output is the model-with-that-plugin's, token for token
+(the first verify takes the prompt's last logits and K/V from the prefill, as the plugin alone does). The loop's
+own eager cache never stands in for a plugin's: without `fast`, or for a plugin the runtime cannot serve per row
+(h2o, adakv, duo, quest, kvquant at batch > 1), the call runs without speculation, with a warning.
+
 Design: `decode.py` (the loop, chain and tree verification, drafters), `rows.py` (per-row KV slots and tree masks),
 `backends.py` (where a model's per-row KV lives: `rows.py`'s eager cache or a fast-runtime session), `generate.py`
 (`install`: the `custom_generate` wrapper recorded by the Patcher, so `hf_accel.remove(model)` restores `generate`),

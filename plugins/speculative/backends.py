@@ -56,15 +56,29 @@ class SessionRows:
     def __init__(self, runtime, batch, trees: bool = False):
         t, capacity = batch.prompt_len, batch.seq.shape[1]
         self.runtime = runtime
-        self.session, _ = runtime.start(batch.seq[:, :t], batch.real[:, :t].long(), capacity - t, per_row=True)
+        self.session, prompt_logits = runtime.start(batch.seq[:, :t], batch.real[:, :t].long(), capacity - t,
+                                                    per_row=True)
         if trees:
             self.session.check_trees()
         self.rows = batch.seq.shape[0]
         self.next = batch.n.clone()  # [B] slot where the session places each row's next token
+        self.prompt_logits = prompt_logits[:, None]  # [B, 1, V]: the prefill's, for the first verify (forward)
 
     def forward(self, batch, tokens, offset: int, last_only: bool = False, *, tree=None, hidden: bool = False):
         """`tree` (decode.Tree): the tokens are its nodes (`Session.forward(tree=...)`); `hidden=True` also returns
         the last hidden states [B, q, H]: (logits, hidden)."""
+        prompt_logits, self.prompt_logits = self.prompt_logits, None
+        if prompt_logits is not None and offset == -1 and tree is None and not hidden:
+            # The first verify re-feeds the prompt's last token. Its logits and K/V are taken from the prefill, which
+            # saw the whole prompt: a KV plugin that compresses at the prefill (snapkv, kvquant) would give a
+            # re-fed token other ones than the plugin alone computes. The drafts go one slot left, and a filler
+            # token after them keeps Q (and so the captured graph) the same as every later round's; it lands
+            # beyond the committed length like a rejected draft.
+            if tokens.shape[1] == 1:
+                return prompt_logits
+            shifted = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)
+            logits = torch.cat([prompt_logits, self.forward(batch, shifted, 0)[:, :-1]], 1)
+            return logits[:, -1:] if last_only else logits
         start = batch.n + offset
         self.session.rewind(self.next - start)  # never negative: the loop only asks for slots it wrote or the next
         try:
@@ -88,11 +102,15 @@ class SessionRows:
         self.session.move(src, dst)
 
 
-def opener(target, warn):
+def opener(target, warn, target_kv_plugin: bool = False):
     """`open_rows(model, batch, cached, eager_reason=None, trees=False) -> backend` for one call: a runtime session
     when the target has the `fast` runtime and it can serve (else, with a warning through `warn`, the eager cache),
     the eager cache otherwise. `eager_reason` says why the loop needs the eager cache anyway; `trees` that it
-    verifies draft trees and reads hidden states (Medusa: the session must be able to move K/V slots)."""
+    verifies draft trees and reads hidden states (Medusa: the session must be able to move K/V slots).
+
+    `target_kv_plugin`: the target's KV lives in a KV plugin's layers, which only a runtime session keeps; the eager
+    cache would silently decode with full K/V instead, so where the target would need it `Unsupported` is raised
+    (the call then runs without speculative decoding, on the plugin's own path)."""
     runtime = get_runtime(target)
 
     def open_rows(model, batch, cached: int, eager_reason: str | None = None, trees: bool = False):
@@ -106,6 +124,8 @@ def opener(target, warn):
                     reason = str(e)
                     if e.whole_model:  # e.g. a model that bypasses the cache: the runtime stops trying it
                         rt.disabled = reason
+            if model is target and target_kv_plugin:
+                raise Unsupported(reason, whole_model=False)
             warn(reason)
         return EagerRows(model, batch, cached)
 

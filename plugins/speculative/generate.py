@@ -24,6 +24,7 @@ from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from hf_accel.compat import get_cache
 from hf_accel.runtime import Unsupported, get_runtime
+from hf_accel.runtime.attention import FAST_VARIANTS
 from hf_accel.runtime.generate import USES_RUNTIME, decode_loop
 
 from .backends import opener
@@ -54,8 +55,12 @@ def plan(model, input_ids, logits_processor, stopping_criteria, generation_confi
     if cache is not None and cache.get_seq_length() > 0:
         return "a pre-filled past_key_values"
     attn = getattr(model.config, "_attn_implementation", "eager")
-    if attn not in ("eager", "sdpa"):
+    if attn not in ("eager", "sdpa") and attn not in FAST_VARIANTS:  # a wrapper of sdpa (a KV plugin's score hook)
         return f"attn_implementation={attn!r} (per-row masks need 'sdpa' or 'eager')"
+    kv = kv_plugin_cache(model_kwargs)
+    if kv is not None and (get_runtime(model) is None or kv.runtime_servable is not True):
+        return (f"the K/V live in a KV plugin's cache ({type(kv).__name__}), which speculative decoding keeps per row "
+                "only on the fast runtime, for a KV plugin it serves (sink, snapkv, kvquant; add 'fast' to the spec)")
     max_length, eos = None, None
     for criterion in stopping_criteria:
         if isinstance(criterion, sc.MaxLengthCriteria):
@@ -74,6 +79,17 @@ def plan(model, input_ids, logits_processor, stopping_criteria, generation_confi
     if others:
         return f"logits processors {others}"
     return Sampler(greedy, list(logits_processor)), max_length - input_ids.shape[1], eos
+
+
+def kv_plugin_cache(model_kwargs):
+    """The empty cache a KV plugin's generate wrapper passed (it declares `runtime_servable`, runtime contract point
+    2), or None. The loop's own per-row cache must never stand in for it: that would decode with full K/V."""
+    cache = get_cache(model_kwargs)
+    return cache if cache is not None and hasattr(cache, "runtime_servable") else None
+
+
+class NoSpeculation(Exception):
+    """This call cannot be served exactly by the speculative loop: it runs the model's own decoding instead."""
 
 
 def _sliding_window(config) -> int | None:
@@ -103,7 +119,7 @@ def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dic
     the runtime's sessions (backends.py); returns the stats dict."""
     stats: dict = {}
 
-    def decode(model, input_ids, attention_mask, *, warn, **planned):
+    def decode(model, input_ids, attention_mask, *, warn, kv_plugin: bool, **planned):
         def run(open_rows):
             return speculative_generate(model, make_drafter, input_ids, attention_mask, length=length, stats=stats,
                                         open_rows=open_rows, **planned)
@@ -112,10 +128,12 @@ def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dic
             return run(None)
         eager = "the speculative loop runs on its eager per-row cache instead of the fast runtime"
         try:
-            return run(opener(model, lambda reason: warn(reason, eager)))
+            return run(opener(model, lambda reason: warn(reason, eager), target_kv_plugin=kv_plugin))
         except Unsupported as e:  # a capture failed mid-call (the runtime is then disabled): run the call again
             if planned.get("streamer") is not None:  # tokens may have been streamed already; they cannot be recalled
                 raise
+            if kv_plugin:  # only the runtime keeps the plugin's K/V: the call runs without speculation
+                raise NoSpeculation(str(e)) from e
             warn(str(e), eager)
             return run(None)
 
@@ -147,20 +165,27 @@ def wrap_generate(original, name: str, decode, stats: dict):
 
         def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
             model_kwargs.pop("synced_gpus", None)
-            decided = plan(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
-            if isinstance(decided, str):
-                warn_once(decided)
+
+            def fallback(reason: str):
+                warn_once(reason)
                 stats.clear()
-                stats.update(method=name, fallback=decided)
+                stats.update(method=name, fallback=reason)
                 return hf_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
                                model_kwargs)
+
+            decided = plan(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+            if isinstance(decided, str):
+                return fallback(decided)
             sampler, max_new, eos = decided
             pad = generation_config._pad_token_tensor
             stats.clear()
             stats.update(method=name, batch=input_ids.shape[0], sampling=not sampler.greedy)
-            return decode(model, input_ids, model_kwargs.get("attention_mask"), sampler=sampler,
-                          max_new_tokens=max_new, eos_ids=eos, pad_id=int(pad) if pad is not None else 0,
-                          streamer=streamer, warn=warn_once)
+            try:
+                return decode(model, input_ids, model_kwargs.get("attention_mask"), sampler=sampler,
+                              max_new_tokens=max_new, eos_ids=eos, pad_id=int(pad) if pad is not None else 0,
+                              streamer=streamer, warn=warn_once, kv_plugin=kv_plugin_cache(model_kwargs) is not None)
+            except NoSpeculation as e:
+                return fallback(f"{e} (the KV plugin's layers are kept only by the fast runtime)")
 
         setattr(loop, USES_RUNTIME, True)  # `fast`'s generate (contract point 4) hands it over without a warning
         return original(*args, custom_generate=loop, **kwargs)
