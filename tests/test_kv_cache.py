@@ -1,5 +1,6 @@
 """KV-cache plugins (sink, h2o, snapkv, kvquant): exactness with generous budgets, bounded memory with small ones,
-which tokens are kept, left padding, quantization error, multi-turn, composition, remove() and artifacts."""
+which tokens are kept, left padding, quantization error, multi-turn, composition, remove() and artifacts; the
+score-reading policies (also adakv, quest, duo) under eager attention."""
 
 from __future__ import annotations
 
@@ -258,6 +259,39 @@ def test_remove_restores_generate_and_attention():
     assert "generate" not in model.__dict__ and model.config._attn_implementation == before_impl
     out = greedy(model, sample_ids(1, 10))
     assert type(out.past_key_values).__name__ == "DynamicCache"
+
+
+SCORED = ["h2o(budget=12, recent=4, slack=0)", "snapkv(budget=12, window=4, slack=0)", "adakv(budget=8, window=4)",
+          "quest(budget=16, page=4)", "duo(heads='10.01', sinks=2, window=6, slack=0)"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_eager_attention_equals_sdpa(arch):
+    """The policies that read attention through the hook work on a model loaded with attn_implementation='eager'
+    ("eager" is no AttentionInterface entry: the hook once raised KeyError 'eager') and keep what they keep under
+    sdpa: the same tokens, which eviction changes against the full cache (checked); duo calibrates the same heads."""
+    import copy
+
+    from hf_accel.plugins.kv_cache import calibrate_duo
+
+    ids, mask = left_padded([24, 17, 9])
+    changed = 0
+    for spec in SCORED:
+        sdpa = build(arch)
+        eager = copy.deepcopy(sdpa)
+        eager.set_attn_implementation("eager")
+        full = greedy(sdpa, ids, mask, new=16).sequences
+        hf_accel.apply(sdpa, spec)
+        hf_accel.apply(eager, spec)
+        assert eager.config._attn_implementation == "hf_accel_kv:eager"
+        expected = greedy(sdpa, ids, mask, new=16).sequences
+        assert torch.equal(greedy(eager, ids, mask, new=16).sequences, expected), spec
+        changed += int((expected != full).sum() > 0)
+    assert changed == len(SCORED)
+    sdpa = build(arch)
+    eager = copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    assert calibrate_duo(eager, ratio=0.5) == calibrate_duo(sdpa, ratio=0.5)
 
 
 def test_composes_with_int8_and_other_generate_wrappers():

@@ -139,6 +139,29 @@ def test_other_architectures(arch, spec):
     assert get_runtime(fast).stats["calls"] == 2 and get_runtime(fast).stats["fallbacks"] == 0
 
 
+@pytest.mark.parametrize("spec", [SNAP, SINK, "h2o(budget=24, recent=8, slack=0)", "adakv(budget=24, window=4)"])
+def test_eager_attention(spec):
+    """On a model loaded with attn_implementation='eager', `spec+fast` gives `spec` alone's tokens: snapkv and sink
+    on the fast path (eager's own attention; the runtime's bool masks reach snapkv's hook over eager as additive
+    masks), h2o and adakv, which attend through `fast_sdpa`, in transformers' loop."""
+    base = build("llama")
+    base.set_attn_implementation("eager")
+    alone, fast = copy.deepcopy(base), copy.deepcopy(base)
+    hf_accel.apply(alone, spec)
+    hf_accel.apply(fast, spec + "+fast")
+    served = spec in (SNAP, SINK)
+    calls = CALLS[:2]
+    for seed, (lengths, new) in enumerate(calls):
+        ids, mask = padded_batch(lengths, seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = greedy(fast, ids, mask, new)
+        assert torch.equal(got, greedy(alone, ids, mask, new)), lengths
+        assert not served or not caught, [str(w.message) for w in caught]
+    rt = get_runtime(fast)
+    assert (rt.stats["calls"], rt.stats["fallbacks"]) == ((len(calls), 0) if served else (0, len(calls)))
+
+
 def test_logits_follow_the_policy():
     """Through the runtime's forward API (batch 2, left-padded): each step's logits equal transformers' forward over
     snapkv's own cache to float32 rounding, and are far from the full cache's."""

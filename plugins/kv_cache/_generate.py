@@ -9,7 +9,8 @@ score tokens by attention, an attention hook.
   cache layers never see it. Several KV plugins (and other plugins) chain: each wraps what was there before.
 - attention hook: the model's attention implementation `sdpa`/`eager` is renamed `hf_accel_kv:sdpa`/`...:eager`,
   registered in transformers' AttentionInterface (a new key; no global function is replaced) with the same mask
-  function. It runs the original attention, then, if a layer of ours is waiting (`PENDING`), hands it the step's
+  function. It runs the original attention (for eager, the model's own `eager_attention_forward`, which
+  AttentionInterface does not hold), then, if a layer of ours is waiting (`PENDING`), hands it the step's
   queries and the keys just attended to, from which the policy takes q.K scores of this step only: no full
   attention matrix is kept and eager attention is not required.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from typing import ClassVar
 
 import torch
@@ -29,7 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from hf_accel.compat import cache_kwarg, get_cache
 from hf_accel.errors import OptionError, UnsupportedModelError
 from hf_accel.plugin import Family, Plugin
-from hf_accel.runtime.attention import FAST_SDPA, fast_sdpa, register_fast_variant
+from hf_accel.runtime.attention import FAST_SDPA, as_kind, fast_sdpa, register_fast_variant
 from hf_accel.runtime.cache import KV_LAYER_ATTR
 
 from ._layers import PENDING, SELF_ATTEND, KVCache
@@ -43,14 +45,30 @@ KV_PLUGINS = ("sink", "h2o", "snapkv", "duo", "quest")  # cache policies: one pe
 
 # -- attention hook --------------------------------------------------------------------------------------------------
 
+def base_attention(base: str, module):
+    """The attention function the hooked implementation `base` stands for, as `module`'s model would call it.
+    "eager" is not registered in AttentionInterface: each model passes its own `eager_attention_forward` as the
+    default, so it is taken from the module's modeling file."""
+    if base != "eager" or base in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[base]
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedModelError(
+            f"hf_accel's KV attention hook found no `eager_attention_forward` next to {type(module).__name__} (in "
+            f"{type(module).__module__}); load the model with attn_implementation='sdpa'")
+    return fn
+
+
 def _hooked(base: str):
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if base == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = as_kind(attention_mask, "additive", query.dtype)  # the fast runtime's bool mask
         owner = SELF_ATTEND.get()
         if owner is not None and owner.layer_idx == getattr(module, "layer_idx", owner.layer_idx):
             SELF_ATTEND.set(None)
             scaling = kwargs.pop("scaling", None) or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
             return owner.attend(module, query, key, value, attention_mask, scaling, base, *args, **kwargs)
-        out = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, *args, **kwargs)
+        out = base_attention(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
         layer = PENDING.get()
         if layer is not None and layer.layer_idx == getattr(module, "layer_idx", layer.layer_idx):
             scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_accel.errors import AccelError, OptionError
 
-from ._generate import KV_PLUGINS, KVPlugin
+from ._generate import KV_PLUGINS, KVPlugin, base_attention
 from ._layers import SELF_ATTEND
 from ._store import BufferedLayer, grouped_attention, step_positions
 
@@ -105,8 +104,8 @@ class DuoLayer(BufferedLayer):
         out = query.new_empty(b, q, hq, d)
         if self.r_heads:
             rq = torch.tensor([hh * g + i for hh in self.r_heads for i in range(g)], device=query.device)
-            o, _ = ALL_ATTENTION_FUNCTIONS[base](module, query.index_select(1, rq), key, value, attention_mask,
-                                                 *args, scaling=scaling, **kwargs)
+            o, _ = base_attention(base, module)(module, query.index_select(1, rq), key, value, attention_mask,
+                                                *args, scaling=scaling, **kwargs)
             out[:, :, rq] = o.to(out.dtype)
         if self.s_heads:
             sq = torch.tensor([hh * g + i for hh in self.s_heads for i in range(g)], device=query.device)
@@ -181,7 +180,7 @@ _CALIB: dict = {}
 def _calibration_attention(module, query, key, value, attention_mask, *args, **kwargs):
     """The model's own attention (output unchanged), plus, for the last `last` queries of every KV head, the relative
     error of the attention output when the head may only see sinks + window (accumulated in _CALIB)."""
-    out = ALL_ATTENTION_FUNCTIONS[_CALIB["base"]](module, query, key, value, attention_mask, *args, **kwargs)
+    out = base_attention(_CALIB["base"], module)(module, query, key, value, attention_mask, *args, **kwargs)
     b, hq, q, d = query.shape
     hk, n = key.shape[1], key.shape[2]
     g, last = hq // hk, min(_CALIB["last"], q)
