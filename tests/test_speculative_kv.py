@@ -121,3 +121,14 @@ def test_on_the_runtime_a_policy_it_cannot_serve_per_row_runs_without_speculatio
     alone = run(tiny, f"fast+{KV[kv]}", kw)[0]
     out, stats, caught = run(tiny, f"fast+{KV[kv]}+{method_spec('lookup', draft_dir)}", kw)
     assert torch.equal(out, alone) and "fallback" in stats and caught
+
+
+@pytest.mark.parametrize("method", ["draft", "lookup"])
+def test_with_int4_weights_and_a_kv_plugin(tiny, draft_dir, method):
+    """The issue's composition: int4 weights + a KV plugin + speculation, on the runtime, equals int4 + the plugin."""
+    base = f"fast+int4(group_size=32)+{KV['sink']}"
+    kw = prompts(3, seed=4)
+    alone = run(tiny, base, kw)[0]
+    assert not torch.equal(alone, run(tiny, "fast+int4(group_size=32)", kw)[0])
+    out, stats, caught = run(tiny, f"{base}+{method_spec(method, draft_dir)}", kw)
+    assert torch.equal(out, alone) and stats["runtime"] and not caught
