@@ -494,7 +494,8 @@ def main(argv=None) -> None:
         v = versions()
         summary.update(gpu=v["device"], versions=v, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                        command=current_command(), new_tokens=args.new_tokens, dtype=str(dtype).replace("torch.", ""),
-                       seconds=round(time.time() - started, 1), completed=stage, skipped=skipped)
+                       seconds=round(time.time() - started, 1), completed=stage, skipped=skipped,
+                       all_runs_done=stage == "all" and not skipped)  # `completed`: the last stage reached
         result = {"benchmark": "bench_spec", "models": model_info, "rows": rows, "summary": summary}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
