@@ -19,7 +19,8 @@ from test_runtime import padded_batch
 
 import hf_accel
 from hf_accel.plugins.kv_cache import KVCache
-from hf_accel.plugins.kv_cache._fast_evict import ALIGN, EvictLayerFactory, EvictStaticLayer
+from hf_accel.plugins.kv_cache._fast_evict import (ALIGN, AdaKVStaticLayer, EvictLayerFactory, EvictStaticLayer,
+                                                   H2OStaticLayer)
 from hf_accel.runtime import get_runtime
 
 SNAP = "snapkv(budget=24, window=4, slack=0)"
@@ -139,18 +140,33 @@ def test_other_architectures(arch, spec):
     assert get_runtime(fast).stats["calls"] == 2 and get_runtime(fast).stats["fallbacks"] == 0
 
 
+# one-token prompts: batch 1, and 3 rows (a bucket of 4 with a filler row); the 60-token call evicts for every policy
+ONE_TOKEN_CALLS = [([1], 50), ([1, 1, 1], 40), ([60], 40)]
+
+
+@pytest.mark.parametrize("spec,layer_type", [(SNAP, EvictStaticLayer), (SINK, EvictStaticLayer),
+                                             ("h2o(budget=24, recent=8, slack=0)", H2OStaticLayer),
+                                             ("adakv(budget=24, window=4)", AdaKVStaticLayer)])
+def test_one_token_prompts(spec, layer_type):
+    """One-token prompts run on the fast path with the policy's tokens. They were refused: the attention hook's
+    variant of `fast_sdpa` carried sdpa's mask function, so transformers built the prompt's mask over the layer's
+    capacity (a compileable cache gets no is_causal skip at one query), wider than the one key; and the hook handed
+    h2o the prompt's query only for prompts of 2 tokens or more."""
+    assert_fast_equals_alone("llama", spec, ONE_TOKEN_CALLS, layer_type)
+
+
 @pytest.mark.parametrize("spec", [SNAP, SINK, "h2o(budget=24, recent=8, slack=0)", "adakv(budget=24, window=4)"])
 def test_eager_attention(spec):
-    """On a model loaded with attn_implementation='eager', `spec+fast` gives `spec` alone's tokens: snapkv and sink
-    on the fast path (eager's own attention; the runtime's bool masks reach snapkv's hook over eager as additive
-    masks), h2o and adakv, which attend through `fast_sdpa`, in transformers' loop."""
+    """On a model loaded with attn_implementation='eager', `spec+fast` gives `spec` alone's tokens, one-token prompts
+    too: snapkv and sink on the fast path (eager's own attention; the runtime's bool masks reach snapkv's hook over
+    eager as additive masks), h2o and adakv, which attend through `fast_sdpa`, in transformers' loop."""
     base = build("llama")
     base.set_attn_implementation("eager")
     alone, fast = copy.deepcopy(base), copy.deepcopy(base)
     hf_accel.apply(alone, spec)
     hf_accel.apply(fast, spec + "+fast")
     served = spec in (SNAP, SINK)
-    calls = CALLS[:2]
+    calls = CALLS[:2] + [([1], 30)]
     for seed, (lengths, new) in enumerate(calls):
         ids, mask = padded_batch(lengths, seed)
         with warnings.catch_warnings(record=True) as caught:

@@ -43,12 +43,13 @@ that later replaces a weight tensor (not `copy_` into it) must call `hf_accel.ru
    padding), the decode steps still give it sequence slots (it maps them, e.g. to kept + s - T), and
    `layer.visible(slots) -> bool [B, Q, capacity]` (capturable; asked of the first layer, for all layers) replaces
    the runtime's decode mask; position ids stay the sequence's. `factory.kv_capacity(prompt_len, new_tokens)`
-   sizes such layers (the session key then ends with it) below the sequence capacity. snapkv and sink do this
-   (plugins/kv_cache/_fast_evict.py).
+   sizes such layers (the session key then ends with it) below the sequence capacity. snapkv, sink, h2o and adakv do
+   this (plugins/kv_cache/_fast_evict.py).
    A KV plugin whose generate wrapper passes its own cache as `past_key_values` (for transformers' loop) sets
    `cache.runtime_servable`: True (empty, and the factory serves the same policy) lets the runtime take the call,
    the cache being used only if the call falls back; False sends the call to transformers' loop. kvquant does this
-   (plugins/kv_cache/_fast.py), and so do snapkv and sink alone; other eviction policies' caches are not servable.
+   (plugins/kv_cache/_fast.py), and so do snapkv, sink, h2o and adakv alone; other KV policies' caches are not
+   servable.
 3. Attention kernels: register with `transformers.AttentionInterface.register(name, fn)` and set the model's
    implementation. The runtime then always passes a boolean 4-D mask [batch, 1, Q, keys] (True = attend), the
    cache's full-capacity K/V and `module.layer_idx`; `fn` must be capturable. ("sdpa" is served by `fast_sdpa`,

@@ -80,8 +80,7 @@ Decode appends to every head, as adakv. Tokens equal adakv alone (tests/test_kv_
 that reads each head's segment only is left to do.
 
 Everything the decode step does is fixed-shape device arithmetic (capturable, compiled with the step); the prefill
-runs eagerly and may sync. A one-token prompt is refused (transformers then builds the prompt's mask over the
-layer's capacity). kvquant with an eviction policy has no layer here: those calls run transformers' loop
+runs eagerly and may sync. kvquant with an eviction policy has no layer here: those calls run transformers' loop
 (`Unsupported`).
 """
 
@@ -201,8 +200,6 @@ class EvictStaticLayer(RuntimeLayer):
         if h != self.keys.shape[1] or k.shape[3] != self.keys.shape[3]:
             raise Unsupported(f"keys of shape {tuple(k.shape)} do not fit a cache of {self.keys.shape[1]} heads x "
                               f"{self.keys.shape[3]} dims")
-        if t == 1:  # transformers then builds the prompt's mask over the layer's capacity, not over the one key
-            raise Unsupported(f"{self.policy.name} under 'fast' needs a prompt of at least 2 tokens", whole_model=False)
         kept = kept_tokens(self.policy, t)
         if kept >= self.capacity:
             raise Unsupported(f"{self.policy.name}: {kept} kept prompt tokens do not fit {self.capacity} slots",
@@ -425,8 +422,6 @@ class AdaKVStaticLayer(EvictStaticLayer):
         if h != self.keys.shape[1] or d != self.keys.shape[3]:
             raise Unsupported(f"keys of shape {tuple(k.shape)} do not fit a cache of {self.keys.shape[1]} heads x "
                               f"{self.keys.shape[3]} dims")
-        if t == 1:  # transformers then builds the prompt's mask over the layer's capacity, not over the one key
-            raise Unsupported("adakv under 'fast' needs a prompt of at least 2 tokens", whole_model=False)
         width = min(t, self.policy.budget) * h  # flat slots of the kept prompt (AdaKVLayer keeps budget x H at most)
         if width + h > self.head.shape[1]:
             raise Unsupported(f"adakv: {width} kept slots do not fit {self.head.shape[1]}", whole_model=False)

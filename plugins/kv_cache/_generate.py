@@ -79,11 +79,11 @@ def _hooked(base: str):
 
 
 def _hooked_fast(module, query, key, value, attention_mask, *args, **kwargs):
-    """The hook over the fast runtime's `fast_sdpa` (its variant of "hf_accel_kv:sdpa"): only prompt forwards
-    (eager, more than one query) hand their queries to a waiting layer (`_fast_evict.EvictStaticLayer`, SnapKV's
-    selection); compiled decode steps trace plain `fast_sdpa`."""
+    """The hook over the fast runtime's `fast_sdpa` (its variant of "hf_accel_kv:sdpa"): prompt forwards (eager,
+    any length, one token included) hand their queries to a waiting layer (`_fast_evict`: SnapKV's selection, h2o's
+    scores); compiled decode steps trace plain `fast_sdpa` (no layer waits then)."""
     out = fast_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
-    if query.shape[2] > 1 and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         layer = PENDING.get()
         if layer is not None and layer.layer_idx == getattr(module, "layer_idx", layer.layer_idx):
             scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
@@ -99,7 +99,9 @@ def hook_name(base: str) -> str:
         if base == "sdpa":  # inside the fast runtime: the same hook over `fast_sdpa`
             fast = HOOK_PREFIX + FAST_SDPA
             AttentionInterface.register(fast, _hooked_fast)
-            AttentionMaskInterface.register(fast, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+            # No mask function, as for `fast_sdpa` itself: the runtime passes every mask (4-D, or None for an
+            # unpadded causal prompt). With sdpa's, transformers built a one-token prompt's mask over the cache's
+            # capacity (a compileable cache gets no is_causal skip at one query), wider than the one key attended.
             register_fast_variant(name, fast)
     return name
 

@@ -348,8 +348,8 @@ class KVCache(Cache):
     def runtime_servable(self) -> bool:
         """The fast runtime may serve a call given this cache (hf_accel/runtime/__init__.py, contract point 2): kvquant
         alone (the runtime's static quantized layers, `_fast.py`) or an eviction policy alone that has static layers
-        (`fast_servable`: snapkv, sink; `_fast_evict.py`), and nothing stored yet (multi-turn continues here). The
-        cache is then used only if the call falls back to transformers' loop."""
+        (`fast_servable`: snapkv, sink, h2o, adakv; `_fast_evict.py`), and nothing stored yet (multi-turn continues
+        here). The cache is then used only if the call falls back to transformers' loop."""
         servable = self.policy is None or (self.quant_config is None and getattr(self.policy, "fast_servable", False))
         return servable and self.get_seq_length() == 0
 
