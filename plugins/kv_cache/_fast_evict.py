@@ -52,7 +52,8 @@ attention is order-blind), so nothing is ever compacted:
   materialised ([B, Hkv, G, C] float32, small), give the output (weights @ V) and, summed over the G query heads of
   the KV head, are added to `acc` -- the same numbers `attention_scores` adds in transformers' loop, from the same
   logits. Then `evict`: after a step that leaves budget + slack + 1 tokens stored (V(n) above, from the sequence
-  slot: no counter), the `slack + 1` lowest scores per row and head (recent window +inf, padding -inf, EMPTY +inf)
+  slot: no counter), the `slack + 1` lowest scores per row and head (recent window +inf, padding -inf, EMPTY +inf;
+  equal scores: the later position goes, `_layers.rank_key`, as KVLayer keeps the earlier)
   become EMPTY (topk of fixed k, then a scatter of `where(full, EMPTY, pos)`: computed every step, applied only
   then). The next steps' tokens fill those slots. This is `KVLayer.evict` (topk of the `budget` best, the rest
   dropped) as a set, so h2o+fast keeps exactly h2o's tokens with h2o's scores (tests/test_kv_h2o_fast.py checks
@@ -94,7 +95,7 @@ import torch
 from hf_accel.runtime import RuntimeLayer, Unsupported
 from hf_accel.runtime.attention import mask_kind
 
-from ._layers import PENDING, _gather
+from ._layers import PENDING, _gather, rank_key, top_slots
 
 ALIGN = 64  # storage slots are rounded up to this (fewer buckets; masked slots cost bandwidth)
 SELF_ATTENDING = ("h2o", "adakv")  # their decode `update` returns a view whose `attend` fast_sdpa calls
@@ -113,13 +114,14 @@ def stored_tokens(n: torch.Tensor, kept: torch.Tensor, budget: torch.Tensor, sla
 
 
 def keep_indices(policy, stand, pos: torch.Tensor, keep: int) -> torch.Tensor:
-    """`KVLayer.evict` (no kvquant): the `keep` best slots of each row and KV head by the policy's own score, its
-    protected slots first and padding last, returned in position order (padding first)."""
+    """`KVLayer.evict` (no kvquant): the `keep` best slots of each row and KV head by the policy's own score (equal
+    scores: the earlier position, `rank_key`), its protected slots first and padding last, returned in position
+    order (padding first)."""
     score = policy.score(stand, pos).float()
     score = torch.where(policy.protected(stand, pos), math.inf, score)
     score = torch.where(pos < 0, -math.inf, score)  # padding goes first
-    top = score.topk(keep, dim=-1).indices
-    return top.gather(-1, pos.gather(-1, top).argsort(dim=-1))
+    top = top_slots(score, pos, keep)  # ties to the earlier position, as KVLayer.evict
+    return top.gather(-1, pos.gather(-1, top).argsort(dim=-1, stable=True))
 
 
 class _Stand:
@@ -381,7 +383,8 @@ class H2OStaticLayer(EvictStaticLayer):
         pos = self.pos
         score = self.acc.masked_fill(pos >= s + 1 - n_recent, math.inf)  # H2OPolicy.protected (recent)
         score = score.masked_fill(pos == -1, -math.inf).masked_fill(pos == EMPTY, math.inf)
-        victims = score.topk(self.evicted, dim=-1, largest=False).indices
+        # the lowest by KVLayer's order (ties: the later position goes), so the survivors are its top `budget`
+        victims = rank_key(score, pos).topk(self.evicted, dim=-1, largest=False).indices
         pos.scatter_(2, victims, torch.where(full, EMPTY, pos.gather(2, victims)))
 
     def visible(self, slots: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,26 @@ def attention_scores(layer, query: torch.Tensor, keys: torch.Tensor, scaling: fl
     return torch.einsum("bhgqn,bhq->bhn", probs, q_real)
 
 
+def pool_votes(votes: torch.Tensor, real: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    """SnapKV's pooling of votes [..., n] over `kernel` neighbouring slots (real [..., n]: the slot holds a token).
+
+    "max": the window's largest vote (votes are >= 0 and padding slots get 0, so padding never wins a window).
+    "avg": the mean over the window's real slots only, as exact sums (the window's slots added left to right, then
+    divided by their count): a row's scores are the same bits whatever padding precedes it. avg_pool1d's
+    count_include_pad=False still counted padding slots, so a row's first tokens were diluted by the padding of
+    the batch, and an extra padding column changed the scores of a row that had none."""
+    if pooling == "max":
+        return torch.nn.functional.max_pool1d(votes.reshape(-1, 1, votes.shape[-1]), kernel, 1, kernel // 2).view_as(votes)
+    n, half = votes.shape[-1], kernel // 2
+    r = real.to(votes.dtype)
+    x = torch.nn.functional.pad(votes * r, (half, half))
+    c = torch.nn.functional.pad(r, (half, half))
+    total, count = x[..., 0:n], c[..., 0:n]
+    for i in range(1, kernel):
+        total, count = total + x[..., i:i + n], count + c[..., i:i + n]
+    return total / count.clamp(min=1)
+
+
 # -- generate wrapper ------------------------------------------------------------------------------------------------
 
 def _input_ids(args, kwargs):

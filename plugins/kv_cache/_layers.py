@@ -117,6 +117,28 @@ class QuantStore:
         return sum(t.nbytes for t in self.tensors.values()) + extra
 
 
+def rank_key(score: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order slots by score (higher first), ties by position (earlier first): the one total order
+    every eviction picks its kept tokens by (`top_slots`, and `_fast_evict`'s prefill selection and h2o's decode
+    eviction, whose storage is not in position order).
+
+    `topk` alone breaks exact ties (SnapKV's max pooling makes them by construction: neighbouring slots share a
+    window maximum) by storage index, and not even consistently, so a row's kept tokens changed when the batch got one
+    more left-padding column. Positions shift by the same amount for every real token of a row, so an order by
+    position is the same whatever the padding. The key is the float's bits mapped to a monotone int32 (sign bit
+    kept, the other bits flipped for negatives; -0.0 folded into 0.0), times 2**32, plus 2**31 - 1 - pos: distinct
+    for distinct positions (pos >= -2: padding -1, `_fast_evict.EMPTY`). Plain device arithmetic: no host sync,
+    static shapes (capturable, compiles with the decode step)."""
+    bits = (score.float() + 0.0).view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits.long() * (1 << 32) + ((1 << 31) - 1 - pos.long())
+
+
+def top_slots(score: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., k] indices of the k best slots along the last dim by `rank_key` (score, then earlier position)."""
+    return rank_key(score, pos).topk(k, dim=-1).indices
+
+
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t [B, H, n, *] at slots idx [B, H, k] -> [B, H, k, *]."""
     if t.dim() == 3:
@@ -227,8 +249,8 @@ class KVLayer(DynamicLayer):
         score = self.policy.score(self, pos).float()
         score = torch.where(self.policy.protected(self, pos), math.inf, score)
         score = torch.where(pos < 0, -math.inf, score)  # padding goes first
-        top = score.topk(keep, dim=-1).indices
-        idx = top.gather(-1, pos.gather(-1, top).argsort(dim=-1))  # back to position order: padding first
+        top = top_slots(score, pos, keep)  # ties to the earlier position: the same tokens however padded
+        idx = top.gather(-1, pos.gather(-1, top).argsort(dim=-1, stable=True))  # back to position order: padding first
         if self.quant is not None:
             self.quant.gather(idx)
         else:

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from hf_accel.errors import AccelError, OptionError
 
-from ._generate import KV_PLUGINS, KVPlugin
+from ._generate import KV_PLUGINS, KVPlugin, pool_votes
 from ._layers import SELF_ATTEND
 from ._store import OwnLayer, grouped_attention, step_positions
 
@@ -145,13 +144,9 @@ class AdaKVLayer(OwnLayer):
         probs = logits.masked_fill(~visible, -math.inf).softmax(-1).nan_to_num_(0.0)
         q_real = (pos[:, n - last:] >= 0).float()  # the step's own slots are the last q: padding queries do not vote
         votes = torch.einsum("bgqn,bq->bn", probs, q_real)
-        if p.pooling == "max":  # votes are >= 0, so padding slots (0) never win a neighbour's window
-            votes = F.max_pool1d(votes[:, None], p.kernel, 1, p.kernel // 2)[:, 0]
-        else:  # mean over the real slots of the window: padding does not dilute a row's first tokens
-            real = (pos >= 0).float()[:, None]
-            num = F.avg_pool1d(votes[:, None] * real, p.kernel, 1, p.kernel // 2, count_include_pad=False)
-            den = F.avg_pool1d(real, p.kernel, 1, p.kernel // 2, count_include_pad=False)
-            votes = (num / den.clamp(min=1e-6))[:, 0]
+        # max: votes are >= 0, so padding slots (0) never win a neighbour's window; avg: the mean over the window's
+        # real slots, as exact sums (padding does not dilute a row's first tokens, nor change its scores' bits)
+        votes = pool_votes(votes, pos >= 0, p.kernel, p.pooling)
         votes = torch.where(pos >= self.seen - p.window, math.inf, votes)
         return torch.where(pos < 0, -math.inf, votes)
 

@@ -32,7 +32,7 @@ from transformers import AttentionInterface
 from hf_accel.errors import AccelError, OptionError
 
 from ._generate import KV_PLUGINS, KVPlugin, base_attention
-from ._layers import SELF_ATTEND
+from ._layers import SELF_ATTEND, top_slots
 from ._store import BufferedLayer, grouped_attention, step_positions
 
 
@@ -92,7 +92,7 @@ class DuoLayer(BufferedLayer):
         first = self.cache.first_real(self.spos.shape[0], self.spos.device)[:, None]
         sink = (self.spos >= first) & (self.spos < first + p.sinks)
         score = torch.where(sink, math.inf, self.spos.float())  # recency (padding: -1, first out); sinks pinned
-        keep = score.topk(p.sinks + p.window, dim=-1).indices.sort(-1).values  # [B, keep]
+        keep = top_slots(score, self.spos, p.sinks + p.window).sort(-1).values  # [B, keep], position order
         self.spos = self.spos.gather(1, keep)
         idx = keep[:, None, :, None].expand(-1, self.sk.shape[1], -1, self.sk.shape[-1])
         self.sk, self.sv = self.sk.gather(2, idx), self.sv.gather(2, idx)

@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.nn.functional as F
-
 from hf_accel.errors import OptionError
 
-from ._generate import EvictionPolicy, attention_scores, recent
+from ._generate import EvictionPolicy, attention_scores, pool_votes, recent
 
 
 @dataclass
@@ -44,10 +42,7 @@ class SnapKVPolicy(EvictionPolicy):
 
     def observe(self, layer, query, keys, scaling):
         votes = attention_scores(layer, query, keys, scaling, self.window)  # [B, H, n]
-        b, h, n = votes.shape
-        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
-        kw = {} if self.pooling == "max" else {"count_include_pad": False}
-        layer.scratch = pool(votes.reshape(b * h, 1, n), self.kernel, 1, self.kernel // 2, **kw).reshape(b, h, n)
+        layer.scratch = pool_votes(votes, layer.pos >= 0, self.kernel, self.pooling)
 
     def score(self, layer, pos):
         return layer.scratch[..., : pos.shape[-1]]
