@@ -86,6 +86,24 @@ def _texts():
             "    except ", "print(", "x = [i for i in "]
 
 
+GREEDY = dict(max_new_tokens=24, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_greedy(tiny, trained):
+    """The target's own greedy output (GREEDY) on each of _texts() alone and on left-padded batches of five:
+    the references of the greedy tests on tiny, computed once (after training, on the model the tests use)."""
+    model, tok = tiny
+    texts = _texts()
+    singles = [model.generate(**tok([t], return_tensors="pt"), **GREEDY) for t in texts]
+    tok.padding_side = "left"
+    batches = []
+    for i in range(0, len(texts), 5):
+        enc = tok(texts[i: i + 5], return_tensors="pt", padding=True)
+        batches.append((enc, model.generate(**enc, **GREEDY)))
+    return singles, batches
+
+
 def test_heads_train_loss_decreases(trained):
     _, losses, _ = trained
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -103,12 +121,12 @@ def test_artifact_round_trip(trained):
         assert k == k2 and torch.equal(a.cpu(), b)
 
 
-def test_greedy_identical_on_tiny_and_accepts(tiny, trained):
+def test_greedy_identical_on_tiny_and_accepts(tiny, trained, tiny_greedy):
     model, tok = tiny
     _, _, path = trained
-    kw = dict(max_new_tokens=24, do_sample=False)
+    kw = GREEDY
     encs = [tok([t], return_tensors="pt") for t in _texts()]
-    refs = [model.generate(**e, **kw) for e in encs]
+    refs, _ = tiny_greedy
     hf_accel.apply(model, f"medusa(heads='{path}')")
     try:
         steps = accepted = 0
@@ -126,20 +144,17 @@ def test_greedy_identical_on_tiny_and_accepts(tiny, trained):
 
 
 @pytest.mark.parametrize("tree", ["default", "3,2,1"])
-def test_greedy_batched_on_tiny(tiny, trained, tree, acceptance_log):
+def test_greedy_batched_on_tiny(tiny, trained, tree, acceptance_log, tiny_greedy):
     """Left-padded batches of the 20 prompts: identical to the target's batched generate and, row by row, to the
     target alone on the unpadded prompt; rows accept different path lengths in the same round."""
     model, tok = tiny
     _, _, path = trained
     tok.padding_side = "left"
-    texts = _texts()
-    kw = dict(max_new_tokens=24, do_sample=False)
-    singles = [model.generate(**tok([t], return_tensors="pt"), **kw)[0] for t in texts]
+    kw = GREEDY
+    singles = [single[0] for single in tiny_greedy[0]]
     accepted = rounds = 0
-    for i in range(0, len(texts), 5):
-        enc = tok(texts[i: i + 5], return_tensors="pt", padding=True)
+    for i, (enc, ref) in zip(range(0, len(singles), 5), tiny_greedy[1]):
         assert len(set(enc["attention_mask"].sum(1).tolist())) > 1  # rows of different lengths
-        ref = model.generate(**enc, **kw)
         out, stats = medusa_generate(model, f"medusa(heads='{path}', tree='{tree}')", **enc, **kw)
         assert torch.equal(out, ref)
         assert stats["batch"] == 5 and not stats["sampling"]
