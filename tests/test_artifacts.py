@@ -54,28 +54,44 @@ def test_reloaded_artifact_can_be_saved_again(saved_model, tmp_path):
 LOAD_WITHOUT_HF_ACCEL = textwrap.dedent(
     """
     import sys
-    from transformers import AutoModelForCausalLM, {cls}
-    for loader in (AutoModelForCausalLM, {cls}):
-        try:
-            loader.from_pretrained(sys.argv[1])
-        except Exception as e:
-            print("REFUSED", type(e).__name__, str(e).replace("\\n", " "))
-        else:
-            print("LOADED")
+    import transformers
+    from transformers import AutoModelForCausalLM
+    for arch, cls, path in zip(*[iter(sys.argv[1:])] * 3):
+        for loader in (AutoModelForCausalLM, getattr(transformers, cls)):
+            try:
+                loader.from_pretrained(path)
+            except Exception as e:
+                print(arch, "REFUSED", type(e).__name__, str(e).replace("\\n", " "))
+            else:
+                print(arch, "LOADED")
     """
 )
+REFUSAL_ARCHS = ["llama", "gpt2"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_loading_without_hf_accel_fails_loudly(tmp_path, arch):
+@pytest.fixture(scope="module")
+def loaded_without_hf_accel(tmp_path_factory):
+    """One child process without hf_accel tries to load the int8 artifact of each arch of REFUSAL_ARCHS, through
+    AutoModelForCausalLM and through the model's own class (one interpreter start for all: most of the time)."""
     from conftest import build
 
-    model = build(arch)
-    hf_accel.apply(model, "int8")
-    model.save_pretrained(tmp_path / "a")
-    code = LOAD_WITHOUT_HF_ACCEL.format(cls=type(model).__name__)
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
-    lines = [l for l in result.stdout.splitlines() if l.startswith(("REFUSED", "LOADED"))]
+    args = []
+    for arch in REFUSAL_ARCHS:
+        model = build(arch)
+        hf_accel.apply(model, "int8")
+        path = tmp_path_factory.mktemp(f"refused-{arch}") / "a"
+        model.save_pretrained(path)
+        args += [arch, type(model).__name__, str(path)]
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_HF_ACCEL, *args], capture_output=True, text=True,
+                            timeout=240)
+    return result
+
+
+@pytest.mark.parametrize("arch", REFUSAL_ARCHS)
+def test_loading_without_hf_accel_fails_loudly(loaded_without_hf_accel, arch):
+    result = loaded_without_hf_accel
+    lines = [l.split(" ", 1)[1] for l in result.stdout.splitlines() if l.startswith(f"{arch} ")]
+    lines = [l for l in lines if l.startswith(("REFUSED", "LOADED"))]
     assert len(lines) == 2 and all(l.startswith("REFUSED") for l in lines), result.stdout + result.stderr
     assert all("pip install hf-accel" in l and "import hf_accel" in l for l in lines)
 
