@@ -422,15 +422,20 @@ def test_failure_mid_call_reruns_on_the_eager_cache(target, draft_dir, monkeypat
     stays exact."""
     from hf_accel.runtime import Session, Unsupported
 
-    right, calls = Session.forward, []
+    right, right_chain, calls = Session.forward, Session.chain, []
 
-    def failing(self, tokens):
+    def forward(self, tokens):
         calls.append(tokens.shape)
-        if len(calls) == 6:
-            raise Unsupported("could not capture the test step")
         return right(self, tokens)
 
-    monkeypatch.setattr(Session, "forward", failing)
+    def failing_chain(self, tokens, k):  # the draft's greedy steps (one call per round)
+        calls.append(("chain", *tokens.shape, k))
+        if sum(call[0] == "chain" for call in calls) == 3:
+            raise Unsupported("could not capture the test step")
+        return right_chain(self, tokens, k)
+
+    monkeypatch.setattr(Session, "forward", forward)
+    monkeypatch.setattr(Session, "chain", failing_chain)
     model = copy.deepcopy(target)
     hf_accel.apply(model, spec_for("draft", draft_dir))
     ids, mask = prompts(3, seed=8)
@@ -441,8 +446,11 @@ def test_failure_mid_call_reruns_on_the_eager_cache(target, draft_dir, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # one warning per reason: the next call is quiet
         assert torch.equal(model.generate(**kw), target.generate(**kw))
-    assert calls[5] == (3, 1)  # the draft's step failed: its runtime is disabled, the target's still verifies
-    assert model.hf_accel_spec_stats["runtime"] and all(shape == (3, 4) for shape in calls[6:])
+    failed = [i for i, call in enumerate(calls) if call[0] == "chain"][2]
+    assert calls[failed] == ("chain", 3, 2, 3)  # the draft's third round failed: its runtime is disabled,
+    assert all(call[0] != "chain" for call in calls[failed + 1:])  # it drafts on the eager cache; the target
+    assert all(shape == (3, 4) for shape in calls[failed + 1:])  # still verifies on the runtime
+    assert model.hf_accel_spec_stats["runtime"]
     hf_accel.remove(model)
 
 

@@ -624,6 +624,59 @@ class Session:
         self._run(key, step)
         return out
 
+    @torch.no_grad()
+    def chain(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """Greedy drafting in one call: `tokens` [B, Q0] go to the next Q0 slots, then k - 1 more one-token steps
+        each feed the previous step's argmax. Returns the k argmax tokens [batch, k] (a buffer that the next call
+        with the same Q0 and k overwrites) and advances slots and positions by Q0 + k - 1, as Q0 + k - 1 calls of
+        `forward` would. One CUDA graph per (Q0, k): a draft model's k steps cost one replay, not k replays with
+        host work between them (the steps reuse the compiled Q0- and one-token forwards)."""
+        rt, st = self.rt, self.state
+        q0, per_row = tokens.shape[1], self.per_row
+        key = ("chain", q0, k, per_row)
+        if key not in self.verify_buffers:  # everything the graph reads must outlive this call
+            long = dict(dtype=torch.long, device=rt.device)
+            slots = (lambda q: (self.batch, q)) if per_row else (lambda q: (q,))
+            self.verify_buffers[key] = (
+                torch.zeros(self.batch, q0, **long), torch.zeros(slots(q0), **long), torch.zeros(self.batch, q0, **long),
+                torch.zeros(self.batch, 1, **long), torch.zeros(slots(1), **long), torch.zeros(self.batch, 1, **long),
+                torch.zeros(self.batch, k, **long), torch.arange(q0, device=rt.device),
+            )
+        tok0, slots0, pos0, tok1, slots1, pos1, out, offsets = self.verify_buffers[key]
+        tok0[: tokens.shape[0]].copy_(tokens)
+        next_slot = st.row_slot if per_row else st.slot  # [B, 1] or [1]
+        fn = rt.forward_fn(self.batch)
+
+        def argmax_after(tok, slots, pos, offs):
+            slots.copy_(next_slot + offs)
+            pos.copy_((st.positions + offs).clamp_min(0))  # a rewound slot may be a left pad (position -1)
+            self.cache.set_slots(slots)
+            logits = fn(rt.model, self.cache, tok, pos, slots, st.prompt_valid, st.prompt_len, rt.window, rt.kind,
+                        rt.dtype)
+            next_slot.add_(tok.shape[1])
+            st.positions.add_(tok.shape[1])
+            return logits[:, -1].argmax(-1)
+
+        def step():
+            out[:, 0] = argmax_after(tok0, slots0, pos0, offsets)
+            for i in range(1, k):
+                tok1.copy_(out[:, i - 1: i])
+                out[:, i] = argmax_after(tok1, slots1, pos1, offsets[:1])
+
+        if rt.use_compile and self.batch > 1 and key not in self.graphs:  # symbolic batch, as the decode step's
+            for t in (tok0, pos0, slots0, tok1, pos1, slots1) if per_row else (tok0, pos0, tok1, pos1):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if key not in self.graphs and rt.use_graphs:
+            saved = next_slot.clone(), st.positions.clone()
+
+            def reset():  # after each warm-up run, so they write the same slots and never run past the capacity
+                next_slot.copy_(saved[0])
+                st.positions.copy_(saved[1])
+
+            self._capture(key, step, reset)
+        self._run(key, step)
+        return out
+
     def check_trees(self) -> None:
         """Unsupported unless tree forwards and `move` can run on this session's KV layers: the runtime's own
         `StaticKVLayer`s, or a KV plugin's layers with `move_slots(src, dst)` that store keys at sequence slots."""

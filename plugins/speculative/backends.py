@@ -97,6 +97,21 @@ class SessionRows:
             logits, states = logits[:, -1:], (states[:, -1:] if hidden else None)
         return (logits, states) if hidden else logits
 
+    def chain(self, batch, tokens, offset: int, k: int) -> torch.Tensor:
+        """Greedy drafts [B, k]: `tokens` at slots n[b] + offset + j, then k - 1 steps on the previous argmax, in one
+        call (`Session.chain`: one CUDA graph on the GPU)."""
+        self.prompt_logits = None
+        start = batch.n + offset
+        self.session.rewind(self.next - start)
+        try:
+            drafts = self.session.chain(tokens, k)[: self.rows].clone()
+        except Unsupported as e:  # as in `forward`
+            if e.whole_model:
+                self.runtime.disabled = str(e)
+            raise
+        self.next = start + tokens.shape[1] + k - 1
+        return drafts
+
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Each row's K/V at slots `src` [B, m] to `dst` (a verified tree's accepted path, `Session.move`)."""
         self.session.move(src, dst)

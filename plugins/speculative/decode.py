@@ -213,6 +213,8 @@ class ModelDrafter:
 
     def propose(self, batch: Batch, k: int):
         tokens, offset = batch.last_tokens(2), -2
+        if self.sampler.greedy and hasattr(self.rows, "chain"):  # a runtime session drafts all k in one graph
+            return Proposal(self.rows.chain(batch, tokens, offset, k))
         drafts, probs = [], []
         for _ in range(k):
             logits = self.rows.forward(batch, tokens, offset, last_only=True)[:, -1]
