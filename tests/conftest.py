@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -35,11 +36,49 @@ ARCHS = {
 }
 
 
+# --- parallel runs (pytest-xdist; pyproject's addopts say `-n auto --dist loadfile --no-loadscope-reorder`) ---------
+# A worker runs whole test files (their module fixtures are built once). Files that take longest on the 2-core CI
+# machine go first, so that the run does not end on one long file while the other workers sit idle (seconds measured
+# in process on CI's kind of machine; the order only matters to xdist's scheduler).
+HEAVY_FIRST = ["test_runtime_regional", "test_kv_quant_attention", "test_medusa", "test_kv_evict_fast", "test_kv_fast",
+               "test_kv_adakv_fast", "test_speculative_fast", "test_distributed", "test_diffusion_cache",
+               "test_quality", "test_kv_h2o_fast", "test_runtime"]
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU (at most 8) for a run over several test files. In process: a run of one file
+    (spawning workers would only add their start-up), a machine with one CPU, and a machine with CUDA (GPU tests
+    capture graphs, measure memory and time kernels on a GPU of their own)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    files = {arg.split("::")[0] for arg in config.args}
+    if len(files) == 1 and os.path.isfile(next(iter(files))):
+        return 0
+    if _cpus() < 2 or torch.cuda.is_available():
+        return 0
+    return min(8, _cpus())
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each worker gets its share of the cores: more intra-op threads than cores only add contention (tiny models).
+    _share = max(1, _cpus() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    if torch.get_num_threads() > _share:
+        torch.set_num_threads(_share)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects the same order; the scheduler follows it
+        rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+        items.sort(key=lambda item: rank.get(getattr(getattr(item, "module", None), "__name__", ""), len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
