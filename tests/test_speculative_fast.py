@@ -454,6 +454,61 @@ def test_failure_mid_call_reruns_on_the_eager_cache(target, draft_dir, monkeypat
     hf_accel.remove(model)
 
 
+def test_chain_capture_retries_eagerly_from_the_saved_slots(target, monkeypatch):
+    """`Session.chain` on the CUDA-graph path, simulated on the CPU (streams, capture and replay stand-ins; the
+    capture runs the step once): torch.compile fails at the chain's one-token sub-step, after the Q0-token sub-step
+    advanced the slots. `_capture` uncompiles and retries: the retry must take the eager step (the chain once kept
+    the compiled one and failed again) and start from the saved slots (it once started Q0 slots later and wrote
+    past the session's capacity). Drafts and slots then equal an eager chain's."""
+    import contextlib
+
+    from hf_accel.runtime.session import forward_tokens
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):  # the capture ran the step for real (below), so a replay has nothing left to do
+            pass
+
+    stream = Stream()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+
+    def compiled(model, cache, tokens, *args):  # the Q0-token forward compiles, the one-token one fails
+        if tokens.shape[1] == 1:
+            raise RuntimeError("simulated compile failure")
+        return forward_tokens(model, cache, tokens, *args)
+
+    ids, mask = prompts(1, seed=2, lengths=[252])
+    tokens, results = ids[:, -2:], []  # slots 250 .. 254 of 256: a chain started 2 slots late writes slot 256
+    for graphs in (False, True):
+        model = copy.deepcopy(target)
+        hf_accel.apply(model, "fast")
+        rt = get_runtime(model)
+        session, _ = rt.start(ids[:, :-2], mask[:, :-2], max_new_tokens=6)
+        assert session.capacity == 256
+        if graphs:
+            rt.use_graphs = rt.use_compile = True
+            rt._forward = {True: compiled}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            drafts = session.chain(tokens, 4).clone()
+        st = session.state
+        results.append((drafts, st.slot.clone(), st.positions.clone()))
+        if graphs:
+            assert not rt.use_compile and any("torch.compile failed" in str(w.message) for w in caught)
+        hf_accel.remove(model)
+    (eager, slot, pos), (captured, slot_c, pos_c) = results
+    assert torch.equal(captured, eager) and torch.equal(slot_c, slot) and torch.equal(pos_c, pos)
+    assert int(slot) == 250 + 2 + 4 - 1  # advanced by Q0 + k - 1, once
+
+
 def test_kv_layers_without_per_row_slots_fall_back(target, draft_dir):
     """A KV plugin's layers that take one slot index for all rows: batch 1 still runs on the runtime, a batch of 3
     runs the eager cache (one warning), both exact."""

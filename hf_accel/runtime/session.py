@@ -486,6 +486,8 @@ class Session:
                         raise Unsupported(f"the decode step of {type(rt.model).__name__} failed "
                                           f"({type(e).__name__}: {str(e)[:300]})") from e
                     rt.uncompile(e)
+                    if reset is not None:  # a step that failed part-way (chain: a later sub-step) starts over
+                        reset()
                     fn()
                 if reset is not None:
                     reset()
@@ -645,12 +647,14 @@ class Session:
         tok0, slots0, pos0, tok1, slots1, pos1, out, offsets = self.verify_buffers[key]
         tok0[: tokens.shape[0]].copy_(tokens)
         next_slot = st.row_slot if per_row else st.slot  # [B, 1] or [1]
-        fn = rt.forward_fn(self.batch)
 
         def argmax_after(tok, slots, pos, offs):
             slots.copy_(next_slot + offs)
             pos.copy_((st.positions + offs).clamp_min(0))  # a rewound slot may be a left pad (position -1)
             self.cache.set_slots(slots)
+            # asked at every run, as `forward` does: a failed compile during the capture's warm-up (`uncompile`)
+            # swaps in the eager step, which the retry must use
+            fn = rt.forward_fn(self.batch)
             logits = fn(rt.model, self.cache, tok, pos, slots, st.prompt_valid, st.prompt_len, rt.window, rt.kind,
                         rt.dtype)
             next_slot.add_(tok.shape[1])
