@@ -48,17 +48,18 @@ def draft_dir(tiny, tmp_path_factory):
     return path
 
 
-def prompts(batch: int, seed: int = 0):
-    """Left-padded prompts of 70..100 tokens (longer than every budget above), pad id 0."""
+def prompts(batch: int, seed: int = 0, lengths=None, new: int = 32):
+    """Left-padded prompts of 70..100 tokens (longer than every budget above), or of `lengths`; pad id 0."""
     g = torch.Generator().manual_seed(seed)
-    lengths = [100] if batch == 1 else [int(x) for x in torch.randint(70, 101, (batch,), generator=g)]
+    if lengths is None:
+        lengths = [100] if batch == 1 else [int(x) for x in torch.randint(70, 101, (batch,), generator=g)]
     t = max(lengths)
     ids = torch.zeros(batch, t, dtype=torch.long)
     mask = torch.zeros(batch, t, dtype=torch.long)
     for b, n in enumerate(lengths):
         ids[b, t - n:] = torch.randint(3, 4000, (n,), generator=g)
         mask[b, t - n:] = 1
-    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
 
 
 def run(model, spec: str, kw: dict):
@@ -84,6 +85,7 @@ def test_without_fast_the_kv_plugin_is_kept(tiny, draft_dir, kv):
     out, stats, caught = run(tiny, f"{KV[kv]}+{method_spec('draft', draft_dir)}", kw)
     assert torch.equal(out, alone)
     assert "KV plugin" in stats["fallback"] and any("KV plugin" in m for m in caught)
+    assert "add 'fast'" in stats["fallback"]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -117,6 +119,7 @@ def test_on_the_runtime_a_policy_it_cannot_serve_per_row_runs_without_speculatio
     alone = run(tiny, f"fast+{KV[kv]}", kw)[0]
     out, stats, caught = run(tiny, f"fast+{KV[kv]}+{method_spec('lookup', draft_dir)}", kw)
     assert torch.equal(out, alone) and "fallback" in stats and caught
+    assert "add 'fast'" not in stats["fallback"]  # it is applied (the warning once said to add it)
 
 
 @pytest.mark.parametrize("method", ["draft", "lookup"])
@@ -128,3 +131,55 @@ def test_with_int4_weights_and_a_kv_plugin(tiny, draft_dir, method):
     assert not torch.equal(alone, run(tiny, "fast+int4(group_size=32)", kw)[0])
     out, stats, caught = run(tiny, f"{base}+{method_spec(method, draft_dir)}", kw)
     assert torch.equal(out, alone) and stats["runtime"] and not caught
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("kv, length", [("sink", 52), ("snapkv", 64)])
+def test_prompt_of_exactly_budget_plus_slack(tiny, draft_dir, kv, length, batch):
+    """A padded prompt of budget + slack tokens (sink 4 + 16, snapkv 32; slack 32) is kept whole by the plugin
+    alone. The target's session once also held the batch's extra pad column (which only the drafter re-feeds): one
+    token more, so the plugin compressed the prompt and the output was no longer the plugin's."""
+    kw = prompts(batch, seed=length, lengths=[length, length - 5][:batch], new=24)
+    alone = run(tiny, f"fast+{KV[kv]}", kw)[0]
+    out, stats, caught = run(tiny, f"fast+{KV[kv]}+{method_spec('draft', draft_dir)}", kw)
+    assert torch.equal(out, alone) and stats["runtime"] and not caught
+
+
+@pytest.mark.parametrize("kv, length, seed, method", [
+    ("kvquant(bits=2, group=16, residual=0)", 61, 1, "lookup(k=6)"),  # verifies cross the flushes at slots 93, 125, 157
+    ("kvquant(bits=2, group=16, residual=16)", 5, 5, "lookup(k=3)"),  # a prompt shorter than the residual
+])
+def test_kvquant_verify_across_a_flush_boundary(tiny, kv, length, seed, method):
+    """kvquant quantizes 32 more tokens whenever a step passes T0 + 32 m; one forward of several tokens reads the
+    boundary of its first slot for all of them. A verify that crossed one read a flush's tokens in full precision
+    where the plugin alone reads them quantized (it is now split at the boundary, `forward_cuts`); and T0, q0 and
+    the channel scale once counted the batch's extra pad column."""
+    kw = prompts(1, seed=seed, lengths=[length], new=100 if length > 10 else 90)
+    alone = run(tiny, f"fast+{kv}", kw)[0]
+    out, stats, caught = run(tiny, f"fast+{kv}+{method}", kw)
+    assert torch.equal(out, alone) and stats["runtime"] and not caught
+
+
+@pytest.mark.parametrize("kv", ["h2o", "adakv"])
+def test_a_streamed_call_the_runtime_cannot_verify_runs_without_speculation(tiny, kv):
+    """h2o and adakv decode one token per step: at batch 1 the session opens, and the first verify (several tokens)
+    raises Unsupported before any token was streamed. With a streamer the call once re-raised it to the caller
+    ("tokens may have been streamed already"); it now runs without speculation, and every token is streamed once."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1))
+
+        def end(self):
+            self.ended = True
+
+    kw = prompts(1, seed=5, lengths=[80], new=16)
+    alone = run(tiny, f"fast+{KV[kv]}", kw)[0]
+    streamer = Collect()
+    out, stats, caught = run(tiny, f"fast+{KV[kv]}+{method_spec('lookup', None)}", dict(kw, streamer=streamer))
+    assert torch.equal(out, alone) and "one token per step" in stats["fallback"] and caught
+    assert streamer.ended and torch.equal(torch.cat(streamer.puts), out[0])

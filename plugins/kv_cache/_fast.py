@@ -25,8 +25,9 @@ reaches T0 = max(T, residual + 1, 2) and quantizes q0 = T0 - residual tokens; la
                = q0 + 32 * floor((seen - T0) / 32)     otherwise,
 
 and a step that writes tokens at slots p0.. reads qlen(p0) slots quantized (transformers' loop also attends before
-flushing). T, T0 and q0 are device scalars set by the prefill, so one captured graph serves every prompt length of
-a bucket, and the boundary is a function of the slot alone: the runtime's `rewind` needs nothing from the layer.
+flushing; a speculative verify that would cross a boundary is split there, `forward_cuts`). T, T0 and q0 are
+device scalars set by the prefill, so one captured graph serves every prompt length of a bucket, and the boundary
+is a function of the slot alone: the runtime's `rewind` needs nothing from the layer.
 The dequantised full-capacity K/V that `update` returns are the same numbers `KVLayer` hands to attention; under
 torch.compile the dequantisation and the ring select are elementwise and fuse into one pass over the codes.
 
@@ -117,6 +118,7 @@ class QuantStaticLayer(RuntimeLayer):
         self.bounded = self.ring < self.capacity  # (a flag, not the capacity: torch.compile guards on what is read)
         # T (padded prompt length), T0 (tokens stored at the first flush), q0 (tokens that flush quantizes)
         self.schedule = torch.zeros(3, dtype=torch.long, device=t["kc"].device)
+        self.first_flush = 0  # T0 on the host (`forward_cuts`; never read by the compiled step)
         self.prefill_rows: slice | None = None  # None: decode mode
         self.slots: torch.Tensor | None = None
         self.written = False
@@ -131,6 +133,14 @@ class QuantStaticLayer(RuntimeLayer):
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in self.t.values())
+
+    def forward_cuts(self, first_slot: int, q: int) -> list[int]:
+        """Where a forward of `q` tokens at slots first_slot.. must be split (token indices in (0, q)): all its
+        queries read `qlen(first_slot)` slots quantized, while `KVLayer` (one token per step) quantizes more once a
+        flush boundary T0 + 32 m is passed, so a verify that crosses one is run as separate forwards
+        (`SessionRows.forward`, on the host: the boundaries follow from T0 alone)."""
+        t0 = self.first_flush
+        return [i for i in range(1, q) if first_slot + i >= t0 and (first_slot + i - t0) % FLUSH_EVERY == 0]
 
     def _codes(self, k: torch.Tensor, v: torch.Tensor, channel: torch.Tensor):
         bits, group = self.format()
@@ -190,6 +200,7 @@ class QuantStaticLayer(RuntimeLayer):
         t0 = max(n, self.residual + 1, 2)
         q0 = t0 - self.residual
         self.schedule.copy_(torch.tensor([n, t0, q0]))
+        self.first_flush = t0
         channel = t["channel"][rows]
         channel.copy_(channel_scale(k[:, :, :q0]) if q0 <= n else torch.ones_like(channel))
         for i in range(0, n, QUANT_CHUNK):  # float32 temporaries stay small for a long prompt

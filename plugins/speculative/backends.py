@@ -3,7 +3,8 @@
 The loop and the drafters only ask one thing of a backend: `forward(batch, tokens, offset, last_only)` runs tokens
 [B, q] at slots n[b] + offset + j of each row and returns their float32 logits. What was written beyond a row's
 committed length is never seen and is overwritten later, so rolling back needs no call. Both backends use the
-batch's slot layout (`decode.Batch`: one pad column, the left-padded prompt, then each row's tokens).
+batch's slot layout (`decode.Batch`: one pad column, the left-padded prompt, then each row's tokens; a target's
+session leaves the pad column out, so that its prompt is the one the model alone sees).
 
 - `EagerRows` (rows.py): one eager transformers forward per call. Serves everything, including tree drafts and the
   hidden states Medusa reads.
@@ -53,10 +54,15 @@ class SessionRows:
     whole; slots the loop feeds again get identical K/V. `trees=True`: the loop will verify draft trees and read
     hidden states (Medusa), which needs KV layers whose slots the session can move (else Unsupported at once)."""
 
-    def __init__(self, runtime, batch, trees: bool = False):
+    def __init__(self, runtime, batch, trees: bool = False, skip: int = 0):
         t, capacity = batch.prompt_len, batch.seq.shape[1]
         self.runtime = runtime
-        self.session, prompt_logits = runtime.start(batch.seq[:, :t], batch.real[:, :t].long(), capacity - t,
+        # `skip`: leading batch columns the session does not hold (session slot = batch slot - skip). The target
+        # skips the batch's extra pad column, which only the drafter needs: a KV plugin's layers then see the
+        # prompt the plugin alone sees (same padded length T: sink/snapkv decide whether to compress by T > budget +
+        # slack, kvquant schedules its flushes and takes its channel scale from slot 0 on).
+        self.skip = skip
+        self.session, prompt_logits = runtime.start(batch.seq[:, skip:t], batch.real[:, skip:t].long(), capacity - t,
                                                     per_row=True)
         if trees:
             self.session.check_trees()
@@ -83,7 +89,7 @@ class SessionRows:
         self.session.rewind(self.next - start)  # never negative: the loop only asks for slots it wrote or the next
         try:
             if tree is None and not hidden:
-                logits = self.session.forward(tokens)[: self.rows]
+                logits = self._forward_pieces(batch, tokens, offset)
             else:
                 logits, states = self.session.forward(tokens, tree=None if tree is None else tree.parents,
                                                       hidden=True)
@@ -96,6 +102,23 @@ class SessionRows:
         if last_only:
             logits, states = logits[:, -1:], (states[:, -1:] if hidden else None)
         return (logits, states) if hidden else logits
+
+    def _forward_pieces(self, batch, tokens, offset: int) -> torch.Tensor:
+        """Logits [rows, q, V] of `tokens` at the session's next slots: one `Session.forward`, or one per piece where
+        a KV layer says a forward must be split (`forward_cuts(first_slot, q)`: kvquant's flush boundaries, after
+        which `KVLayer` reads more tokens quantized than one forward's shared boundary would)."""
+        q = tokens.shape[1]
+        cutters = [layer.forward_cuts for layer in self.session.cache.layers[:1] if hasattr(layer, "forward_cuts")]
+        if not cutters or q == 1:
+            return self.session.forward(tokens)[: self.rows]
+        # the session slot of each row's first token, on the host (batch 1: from n_max, no device sync)
+        firsts = [batch.n_max + offset] if self.rows == 1 else (batch.n + offset).tolist()
+        cuts = sorted({i for first in firsts for cut in cutters for i in cut(first - self.skip, q)})
+        if not cuts:
+            return self.session.forward(tokens)[: self.rows]
+        bounds = [0, *cuts, q]
+        return torch.cat([self.session.forward(tokens[:, a:b])[: self.rows].clone()
+                          for a, b in zip(bounds, bounds[1:])], 1)
 
     def chain(self, batch, tokens, offset: int, k: int) -> torch.Tensor:
         """Greedy drafts [B, k]: `tokens` at slots n[b] + offset + j, then k - 1 steps on the previous argmax, in one
@@ -114,7 +137,7 @@ class SessionRows:
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Each row's K/V at slots `src` [B, m] to `dst` (a verified tree's accepted path, `Session.move`)."""
-        self.session.move(src, dst)
+        self.session.move(src - self.skip, dst - self.skip)
 
 
 def opener(target, warn, target_kv_plugin: bool = False):
@@ -134,7 +157,8 @@ def opener(target, warn, target_kv_plugin: bool = False):
             if reason is None:
                 rt = runtime if model is target else runtime.companion(model)
                 try:
-                    return SessionRows(rt, batch, trees)
+                    # the target never re-feeds a slot before the prompt's last one: it skips the pad column
+                    return SessionRows(rt, batch, trees, skip=1 if model is target else 0)
                 except Unsupported as e:
                     reason = str(e)
                     if e.whole_model:  # e.g. a model that bypasses the cache: the runtime stops trying it

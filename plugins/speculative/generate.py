@@ -59,8 +59,12 @@ def plan(model, input_ids, logits_processor, stopping_criteria, generation_confi
         return f"attn_implementation={attn!r} (per-row masks need 'sdpa' or 'eager')"
     kv = kv_plugin_cache(model_kwargs)
     if kv is not None and (get_runtime(model) is None or kv.runtime_servable is not True):
-        return (f"the K/V live in a KV plugin's cache ({type(kv).__name__}), which speculative decoding keeps per row "
-                "only on the fast runtime, for a KV plugin it serves (sink, snapkv, kvquant; add 'fast' to the spec)")
+        served = "sink, snapkv; kvquant at batch 1"
+        if get_runtime(model) is None:
+            return (f"the K/V live in a KV plugin's cache ({type(kv).__name__}), which speculative decoding keeps per "
+                    f"row only on the fast runtime, for a KV plugin it serves ({served}; add 'fast' to the spec)")
+        return (f"the K/V live in a KV plugin's cache ({type(kv).__name__}) that the fast runtime does not serve, and "
+                f"speculative decoding keeps a KV plugin's K/V only on the runtime (it serves {served})")
     max_length, eos = None, None
     for criterion in stopping_criteria:
         if isinstance(criterion, sc.MaxLengthCriteria):
@@ -120,6 +124,10 @@ def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dic
     stats: dict = {}
 
     def decode(model, input_ids, attention_mask, *, warn, kv_plugin: bool, **planned):
+        streamer = planned.get("streamer")
+        if streamer is not None:
+            planned["streamer"] = streamer = _Streamed(streamer)
+
         def run(open_rows):
             return speculative_generate(model, make_drafter, input_ids, attention_mask, length=length, stats=stats,
                                         open_rows=open_rows, **planned)
@@ -130,7 +138,7 @@ def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dic
         try:
             return run(opener(model, lambda reason: warn(reason, eager), target_kv_plugin=kv_plugin))
         except Unsupported as e:  # a capture failed mid-call (the runtime is then disabled): run the call again
-            if planned.get("streamer") is not None:  # tokens may have been streamed already; they cannot be recalled
+            if streamer is not None and streamer.started:  # tokens were streamed already; they cannot be recalled
                 raise
             if kv_plugin:  # only the runtime keeps the plugin's K/V: the call runs without speculation
                 raise NoSpeculation(str(e)) from e
@@ -140,6 +148,20 @@ def install(model, patcher, name: str, make_drafter, length: DraftLength) -> dic
     patcher.set_attr(model, STATS_ATTR, stats)
     patcher.set_attr(model, "generate", wrap_generate(model.generate, name, decode, stats))
     return stats
+
+
+class _Streamed:
+    """A streamer that remembers whether it was given tokens: until then a failed call may run again."""
+
+    def __init__(self, streamer):
+        self.streamer, self.started = streamer, False
+
+    def put(self, value):
+        self.started = True
+        self.streamer.put(value)
+
+    def end(self):
+        self.streamer.end()
 
 
 def wrap_generate(original, name: str, decode, stats: dict):
