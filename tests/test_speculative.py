@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import VOCAB, build, make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, pipeline
+from transformers.generation.streamers import BaseStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import hf_accel
@@ -214,19 +215,20 @@ def test_remove_restores_generate(target, draft_dir):
     assert not hasattr(target, "hf_accel_spec_stats")
 
 
+class Collect(BaseStreamer):
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.reshape(-1))
+
+    def end(self):
+        self.ended = True
+
+
 def test_streamer_gets_every_token_once(target, draft_dir):
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.puts, self.ended = [], False
-
-        def put(self, value):
-            self.puts.append(value.reshape(-1))
-
-        def end(self):
-            self.ended = True
-
     ids, mask = prompts(1, seed=8)
     streamer = Collect()
     out, stats = generate_with(target, spec_for("draft", draft_dir), input_ids=ids, attention_mask=mask,

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from test_speculative import smaller_perturbed_copy
+from test_speculative import Collect, smaller_perturbed_copy
 from transformers import AutoModelForCausalLM
 
 import hf_accel
@@ -165,18 +165,6 @@ def test_a_streamed_call_the_runtime_cannot_verify_runs_without_speculation(tiny
     """h2o and adakv decode one token per step: at batch 1 the session opens, and the first verify (several tokens)
     raises Unsupported before any token was streamed. With a streamer the call once re-raised it to the caller
     ("tokens may have been streamed already"); it now runs without speculation, and every token is streamed once."""
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.puts, self.ended = [], False
-
-        def put(self, value):
-            self.puts.append(value.reshape(-1))
-
-        def end(self):
-            self.ended = True
-
     kw = prompts(1, seed=5, lengths=[80], new=16)
     alone = run(tiny, f"fast+{KV[kv]}", kw)[0]
     streamer = Collect()

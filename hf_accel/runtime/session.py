@@ -610,29 +610,36 @@ class Session:
             next_slot.add_(q)
             st.positions.add_(q)
 
-        key = ("forward", q, per_row)
         self.cache.set_slots(slots)
-        if rt.use_compile and self.batch > 1 and key not in self.graphs:  # symbolic batch, as the decode step's
-            for t in (tok, pos, slots) if per_row else (tok, pos):
+        self._run_advancing(("forward", q, per_row), step, (tok, pos, slots) if per_row else (tok, pos))
+        return out
+
+    def _run_advancing(self, key: tuple, step, batch_dims: tuple) -> None:
+        """Run `step`, which advances the next slot(s) and the positions (`forward`, `chain`, tree forwards): captured
+        once per key, its warm-ups undone so that they write the same slots and never run past the capacity.
+        `batch_dims`: the step's buffers whose dim 0 is the batch (symbolic for torch.compile, as the decode step's)."""
+        rt, st = self.rt, self.state
+        next_slot = st.row_slot if self.per_row else st.slot
+        if rt.use_compile and self.batch > 1 and key not in self.graphs:
+            for t in batch_dims:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         if key not in self.graphs and rt.use_graphs:
             saved = next_slot.clone(), st.positions.clone()
 
-            def reset():  # after each warm-up run, so they write the same slots and never run past the capacity
+            def reset():
                 next_slot.copy_(saved[0])
                 st.positions.copy_(saved[1])
 
             self._capture(key, step, reset)
         self._run(key, step)
-        return out
 
     @torch.no_grad()
     def chain(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """Greedy drafting in one call: `tokens` [B, Q0] go to the next Q0 slots, then k - 1 more one-token steps
         each feed the previous step's argmax. Returns the k argmax tokens [batch, k] (a buffer that the next call
-        with the same Q0 and k overwrites) and advances slots and positions by Q0 + k - 1, as Q0 + k - 1 calls of
-        `forward` would. One CUDA graph per (Q0, k): a draft model's k steps cost one replay, not k replays with
-        host work between them (the steps reuse the compiled Q0- and one-token forwards)."""
+        with the same Q0 and k overwrites) and advances slots and positions by Q0 + k - 1, as `forward` of the Q0
+        tokens and then of each draft would. One CUDA graph per (Q0, k): a draft model's k steps cost one replay,
+        not k replays with host work between them (the steps reuse the compiled Q0- and one-token forwards)."""
         rt, st = self.rt, self.state
         q0, per_row = tokens.shape[1], self.per_row
         key = ("chain", q0, k, per_row)
@@ -640,7 +647,8 @@ class Session:
             long = dict(dtype=torch.long, device=rt.device)
             slots = (lambda q: (self.batch, q)) if per_row else (lambda q: (q,))
             self.verify_buffers[key] = (
-                torch.zeros(self.batch, q0, **long), torch.zeros(slots(q0), **long), torch.zeros(self.batch, q0, **long),
+                torch.zeros(self.batch, q0, **long), torch.zeros(slots(q0), **long),
+                torch.zeros(self.batch, q0, **long),
                 torch.zeros(self.batch, 1, **long), torch.zeros(slots(1), **long), torch.zeros(self.batch, 1, **long),
                 torch.zeros(self.batch, k, **long), torch.arange(q0, device=rt.device),
             )
@@ -667,18 +675,8 @@ class Session:
                 tok1.copy_(out[:, i - 1: i])
                 out[:, i] = argmax_after(tok1, slots1, pos1, offsets[:1])
 
-        if rt.use_compile and self.batch > 1 and key not in self.graphs:  # symbolic batch, as the decode step's
-            for t in (tok0, pos0, slots0, tok1, pos1, slots1) if per_row else (tok0, pos0, tok1, pos1):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        if key not in self.graphs and rt.use_graphs:
-            saved = next_slot.clone(), st.positions.clone()
-
-            def reset():  # after each warm-up run, so they write the same slots and never run past the capacity
-                next_slot.copy_(saved[0])
-                st.positions.copy_(saved[1])
-
-            self._capture(key, step, reset)
-        self._run(key, step)
+        batch_dims = (tok0, pos0, slots0, tok1, pos1, slots1) if per_row else (tok0, pos0, tok1, pos1)
+        self._run_advancing(key, step, batch_dims)
         return out
 
     def check_trees(self) -> None:
@@ -735,18 +733,7 @@ class Session:
             st.positions.add_(q)
 
         self.cache.set_slots(slots)
-        if rt.use_compile and self.batch > 1 and key not in self.graphs:  # symbolic batch, as the decode step's
-            for t in (tok, pos, slots, next_slot) if self.per_row else (tok, pos):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        if key not in self.graphs and rt.use_graphs:
-            saved = next_slot.clone(), st.positions.clone()
-
-            def reset():
-                next_slot.copy_(saved[0])
-                st.positions.copy_(saved[1])
-
-            self._capture(key, step, reset)
-        self._run(key, step)
+        self._run_advancing(key, step, (tok, pos, slots, next_slot) if self.per_row else (tok, pos))
         return out, hid
 
     @torch.no_grad()
