@@ -251,6 +251,9 @@ def fast_row(model, device, label, spec, ctx, batch, new, repeats, copy_gbps=Non
         row["fast_path_used"] = rt.stats["calls"] > 0 and rt.stats["fallbacks"] == 0
         row["attention_reads_codes"] = bool(layers) and all(getattr(x, "reads_codes", False) for x in layers)
         row["compile_and_capture_s"] = round(row.pop("warmup_s"), 1)
+        row["compiled"] = rt.compile_error is None
+        if rt.compile_error:  # the step fell back to eager kernels in the graph: keep the cause with the row
+            row["compile_error"] = rt.compile_error[-2000:]
         factory = rt.kv_factory()  # what the cache really holds (the largest bucket of the row)
         held = factory.nbytes() if hasattr(factory, "nbytes") else sum(t.nbytes for t in rt.pool.k + rt.pool.v)
         row["kv_gb_held"] = round(held / 1e9, 6)

@@ -185,7 +185,7 @@ def run_case(case, device: str, seed: int = 0) -> dict:
 
     kernel, m, n, k, overrides = case
     w = trained_like(n, k, seed, specials=False)
-    idx = torch.linspace(0, w.numel() - 1, 5).long()
+    idx = torch.arange(5) * (w.numel() - 1) // 4  # integer spacing: a float32 linspace overshoots at 58M elements
     w.view(-1)[idx] = torch.tensor([1e30, -1e-30, 0.0, 5e-40, -2.5]).to(torch.bfloat16)  # escapes, 0, subnormal
     if kernel == "decode3-all":  # every bf16 bit pattern through the decode kernel
         w = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
@@ -209,7 +209,8 @@ def run_case(case, device: str, seed: int = 0) -> dict:
         op = KL.lossless3_linear if code3 else KL.lossless_linear
         y = op(xd, *args, bd, False)
         exact = op(xd, *args, bd, True).cpu()
-        out["exact_is_f_linear"] = same_bits(exact, torch.nn.functional.linear(x, w, bias))
+        # F.linear on the same device: the exact path is decode + F.linear, and BLAS results differ across devices
+        out["exact_is_f_linear"] = same_bits(exact, torch.nn.functional.linear(xd, w.to(device), bd).cpu())
     else:
         cfg = LaunchConfig(**{**dict(block_n=16, block_k=64, block_m=1, num_warps=4, num_stages=1), **overrides})
         poison = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
@@ -220,6 +221,13 @@ def run_case(case, device: str, seed: int = 0) -> dict:
     # how far from the correctly rounded bf16 result, in units of its last place
     ulp = (ref64.abs().clamp(min=1e-30).log2().floor() - 7).exp2()
     out["max_ulp"] = ((y.double() - ref64).abs() / ulp).max().item()
+    # the same error against the standard bound of an fp32 sum of K exact products (bf16 x bf16 fits in fp32), in
+    # any order and with truncating tensor-core adds (2^-23 per add), plus the final rounding to bf16: where an
+    # output nearly cancels, its ulp is tiny and one ulp is too strict for long K (a plain fp32 matmul of the same
+    # data is off by tens of ulps there)
+    absdot = x.double().abs() @ w.double().abs().T + (bias.double().abs() if bias is not None else 0)
+    bound = ulp + k * 2.0 ** -23 * absdot
+    out["max_err_vs_fp32_bound"] = ((y.double() - ref64).abs() / bound).max().item()
     out["shape"] = list(y.shape)
     return out
 
@@ -474,11 +482,15 @@ def test_push_to_hub_and_back(hub, tiny_bf16):
 def test_gpu_kernel_matches_reference(case):
     for seed in (0, 1):
         got = run_case(case, "cuda", seed)
-        if case[0] == "decode":
+        if case[0].startswith("decode"):
             assert got["bit_exact"], got
             continue
-        assert got["unwritten"] == 0 and got["max_ulp"] <= 1.0 + 1e-9, got
-        if case[0] == "op":
+        assert got["unwritten"] == 0, got
+        assert got["rel_err"] < 8e-3, got
+        # fp32 accumulation in the kernel's own order: within the fp32 error bound of the exact result (the
+        # interpreter cases above, short K, also stay within one bf16 ulp)
+        assert got["max_err_vs_fp32_bound"] <= 1.0, got
+        if case[0] in ("op", "op3"):
             assert got["exact_is_f_linear"], got
 
 

@@ -521,3 +521,19 @@ def test_greedy_identical_to_transformers_on_trained_reference():
                                                                   new_tokens=12, batch_size=50)}
     assert records["greedy_identical_fraction"] == 1.0
     assert get_runtime(fast).stats["calls"] == 2 and get_runtime(fast).stats["fallbacks"] == 0
+
+
+def test_failed_compile_warns_with_its_cause_and_keeps_it():
+    """Inductor's kernel-build errors are long and end with the cause: the warning shows the first and last line,
+    the runtime keeps the whole text for benchmarks (`compile_error`)."""
+    _, fast = pair()
+    fast.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    rt = get_runtime(fast)
+    assert rt.compile_error is None
+    cause = "CompilationError: at 12:4: unsupported reduction on int1"
+    error = RuntimeError("SubprocException: An exception occurred in a subprocess:\n" + "  File x\n" * 50 + cause)
+    with pytest.warns(UserWarning) as caught:
+        rt.uncompile(error)
+    message = str(caught[0].message)
+    assert "SubprocException" in message and cause in message and "File x" not in message
+    assert rt.compile_error.endswith(cause) and not rt.use_compile

@@ -44,6 +44,14 @@ def bucket_capacity(n: int, smallest: int = 256) -> int:
     return page * math.ceil(n / page)
 
 
+def error_summary(error: BaseException, limit: int = 400) -> str:
+    """One line for a warning: the error's type, its first line and its last line. Inductor wraps a failed kernel
+    build in a long message whose cause (the Triton or compiler error) comes last."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    text = " | ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
 class State:
     """Device buffers of one (batch, capacity) bucket. Graphs hold their addresses: only ever write them in place."""
 
@@ -224,6 +232,7 @@ class Runtime:
         self.seconds = collections.Counter()  # warmup (the first one compiles) and capture, summed over graphs
         self.disabled: str | None = None
         self.warned: set[str] = set()
+        self.compile_error: str | None = None  # set when torch.compile failed and the step fell back to eager
         self.verified = False  # the first prefill proves that every layer writes through our cache
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.config = config
@@ -341,8 +350,8 @@ class Runtime:
         return self._forward["move"]
 
     def uncompile(self, error: BaseException) -> None:
-        self.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); the decode step runs eagerly "
-                  "inside its CUDA graph")
+        self.compile_error = f"{type(error).__name__}: {error}"  # whole, for benchmarks and bug reports
+        self.warn(f"torch.compile failed ({error_summary(error)}); the decode step runs eagerly inside its CUDA graph")
         self.use_compile, self._forward, self._regions = False, {}, None
 
     def warn(self, message: str) -> None:
