@@ -41,6 +41,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -133,7 +134,8 @@ def psnr(test: torch.Tensor, ref: torch.Tensor, data_range: float | None = None)
 
 
 def timed(fn, repeats: int):
-    """Median seconds of `repeats` calls (after the caller's warm-up): CUDA events on the GPU, perf_counter else."""
+    """Median seconds of `repeats` calls (after the caller's warm-up): CUDA events on the GPU, perf_counter else.
+    (A true median: session 8 took the upper of two runs, and its SD1.5 baseline's runs were 2.71 and 1.72 s.)"""
     times, out = [], None
     for _ in range(repeats):
         sync()
@@ -148,7 +150,7 @@ def timed(fn, repeats: int):
             t = time.perf_counter()
             out = fn()
             times.append(time.perf_counter() - t)
-    return out, sorted(times)[len(times) // 2], times
+    return out, statistics.median(times), times
 
 
 def quiet_remove(obj):
@@ -255,9 +257,9 @@ def bench_sd15(args, device, dtype, rows):
                         num_inference_steps=n_steps, generator=torch.Generator("cpu").manual_seed(1),
                         output_type="pt").images.float().cpu()
 
-    run(3)
+    run()  # a whole run first: every ratio divides by this baseline (clocks, allocator and cuDNN settle)
     ref, t_ref, times = timed(run, args.repeats)
-    log(f"sd15 baseline {t_ref:.3f}s")
+    log(f"sd15 baseline {t_ref:.3f}s (runs {', '.join(f'{t:.3f}' for t in times)})")
     base = {"model": "sd15", "size": size, "steps": steps, "guidance_scale": 7.5, "batch": 2}
     rows.append({**base, "method": "baseline", "spec": "", "seconds": t_ref, "times": times, "speedup": 1.0,
                  "psnr_vs_uncached": math.inf, "full_calls": steps, "calls": steps})
@@ -390,9 +392,9 @@ def bench_flux(args, device, dtype, rows):
         if hasattr(model, "_reset_stateful_cache"):
             model._reset_stateful_cache()
 
-    run(2)
+    run()  # a whole run first, as for sd15
     ref, t_ref, times = timed(run, args.flux_repeats)
-    log(f"flux baseline {t_ref:.3f}s")
+    log(f"flux baseline {t_ref:.3f}s (runs {', '.join(f'{t:.3f}' for t in times)})")
     base = {"model": "flux", "flux_layers": layers, "params_b": n_params / 1e9, "tokens": side * side + n_txt,
             "steps": steps, "batch": 1}
     rows.append({**base, "method": "baseline", "spec": "", "seconds": t_ref, "times": times, "speedup": 1.0,
@@ -662,6 +664,10 @@ def summarise(data: dict) -> dict:
     base = next((r for r in rows if r.get("model") == "sd15" and r.get("method") == "baseline"), None)
     if base:
         s["sd15_baseline_seconds"] = round(base["seconds"], 3)
+        runs = base.get("times", [])
+        s["sd15_baseline_runs"] = [round(t, 3) for t in runs]
+        if len(runs) > 1:  # every sd15 ratio divides by this: a wide spread makes them all doubtful
+            s["sd15_baseline_spread"] = round(max(runs) / min(runs), 3)
     fb = next((r for r in rows if r.get("model") == "flux" and r.get("method") == "baseline"), None)
     if fb:
         s["flux_baseline_seconds"] = round(fb["seconds"], 3)
@@ -744,8 +750,8 @@ def main():
     ap.add_argument("--formats", nargs="*", default=["int8", "fp8"], choices=["int8", "fp8"])
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--models", nargs="+", default=["sd15", "flux"], choices=["sd15", "flux"])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--flux-repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--flux-repeats", type=int, default=2)
     ap.add_argument("--sd-steps", type=int, default=50)
     ap.add_argument("--flux-steps", type=int, default=28)
     ap.add_argument("--budget", type=float, default=320.0, help="seconds; later variants are skipped past this")
