@@ -38,8 +38,8 @@ Tails: any N (rows past N re-read row 0 and are not stored); any K % 8 == 0 (gro
 refused by `compress_24`. Known difference from the reference: "xsel" never reads the x entries at pruned
 positions, so an inf/NaN there does not propagate (the dense product's 0 * inf would).
 
-Launch configurations: `TUNED` (device, M bucket, N, K) -> {"kernel": one of KINDS, LaunchConfig fields}, empty
-until `scripts/bench_prune.py` has swept the 8B shapes on the GPU; elsewhere `default_config`.
+Launch configurations: `TUNED` (device, M bucket, N, K) -> {"kernel": one of KINDS, LaunchConfig fields}, the fastest
+of `scripts/bench_prune.py`'s sweep on the 8B shapes (measured on an H200); elsewhere `default_config`.
 """
 
 from __future__ import annotations
@@ -413,7 +413,20 @@ XSEL_MAX_M = 4
 DOT_MIN_M = 16
 # (device, M bucket, N, K) -> {"kernel": one of KINDS, LaunchConfig fields}; filled from the GPU sweep of
 # scripts/bench_prune.py (its "tuned_sparse24" list). An H200 falls back to H100 entries (_base.SIBLING).
-TUNED: dict = {}
+TUNED: dict = {  # bench_prune's sweep on one H200, 2026-12-01 (benchmarks/results/bench_prune.json, tuned_sparse24)
+    ('h200', 32, 4096, 4096): {'kernel': 'mma', 'block_n': 64, 'block_k': 128, 'block_m': 32, 'num_warps': 4, 'num_stages': 4, 'split_k': 4},
+    ('h200', 16, 4096, 4096): {'kernel': 'mma', 'block_n': 64, 'block_k': 128, 'block_m': 16, 'num_warps': 4, 'num_stages': 4, 'split_k': 4},
+    ('h200', 1, 4096, 4096): {'kernel': 'mma', 'block_n': 64, 'block_k': 128, 'block_m': 16, 'num_warps': 4, 'num_stages': 4, 'split_k': 4},
+    ('h200', 32, 1024, 4096): {'kernel': 'mma_xa', 'block_n': 64, 'block_k': 128, 'block_m': 64, 'num_warps': 4, 'num_stages': 3, 'split_k': 8},
+    ('h200', 16, 1024, 4096): {'kernel': 'mma', 'block_n': 32, 'block_k': 256, 'block_m': 16, 'num_warps': 2, 'num_stages': 3, 'split_k': 8},
+    ('h200', 1, 1024, 4096): {'kernel': 'xsel', 'block_n': 4, 'block_k': 1024, 'block_m': 1, 'num_warps': 4, 'num_stages': 1, 'split_k': 2},
+    ('h200', 32, 14336, 4096): {'kernel': 'mma', 'block_n': 64, 'block_k': 128, 'block_m': 32, 'num_warps': 4, 'num_stages': 4},
+    ('h200', 16, 14336, 4096): {'kernel': 'mma', 'block_n': 64, 'block_k': 128, 'block_m': 16, 'num_warps': 4, 'num_stages': 4},
+    ('h200', 1, 14336, 4096): {'kernel': 'xsel', 'block_n': 4, 'block_k': 1024, 'block_m': 1, 'num_warps': 4, 'num_stages': 1},
+    ('h200', 32, 4096, 14336): {'kernel': 'mma', 'block_n': 64, 'block_k': 128, 'block_m': 32, 'num_warps': 4, 'num_stages': 4, 'split_k': 4},
+    ('h200', 16, 4096, 14336): {'kernel': 'mma', 'block_n': 64, 'block_k': 128, 'block_m': 16, 'num_warps': 4, 'num_stages': 4, 'split_k': 4},
+    ('h200', 1, 4096, 14336): {'kernel': 'mma', 'block_n': 64, 'block_k': 128, 'block_m': 16, 'num_warps': 4, 'num_stages': 4, 'split_k': 4},
+}
 
 
 def _split_for(programs: int, steps: int, sms: int) -> int:
