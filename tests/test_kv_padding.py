@@ -8,10 +8,12 @@ counted padding slots into a row's first windows. Every selection now orders by 
 (`_layers.rank_key`): eager (`KVLayer.evict`, adakv's allocation, duo's streaming heads), the fast runtime's
 prefill (`_fast_evict.keep_indices`) and h2o's decode eviction inside the captured step.
 
-Not covered: quest (its pages are fixed runs of storage slots, so a padding column moves page boundaries; it
-selects pages, it evicts nothing) and `slack` schedules when padding survives the prefill (a cache evicts when it
-stores more than budget + slack slots, padding included): the calls below are longer than budget + slack, or use
-slack=0.
+quest (it selects pages, it evicts nothing) had pages that were fixed runs of storage slots, so a padding column
+moved a row's page boundaries; a row's pages now start at its first real token (eager only: fast+quest runs
+transformers' loop).
+
+Not covered: `slack` schedules when padding survives the prefill (a cache evicts when it stores more than
+budget + slack slots, padding included): the calls below are longer than budget + slack, or use slack=0.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ POLICIES = {
     "adakv": ("adakv(budget=32, window=8, kernel=3)", True),
     "adakv_avg": ("adakv(budget=32, window=8, kernel=3, pooling='avg', floor=0.0)", True),
     "duo": ("duo(ratio=0.25, sinks=4, window=16, slack=4)", False),
+    "quest": ("quest(budget=32, page=16)", False),  # fast+quest runs transformers' loop (a warning): eager only
+    "quest_page8": ("quest(budget=32, page=8)", False),
 }
 # slack=0: rows shorter than the budget keep padding after the prefill, and evict it first while decoding
 NO_SLACK = {
@@ -51,6 +55,9 @@ NO_SLACK = {
     "snapkv_avg": ("snapkv(budget=32, window=8, kernel=3, pooling='avg', slack=0)", True),
     "adakv": ("adakv(budget=32, window=8, kernel=3)", True),
     "duo": ("duo(ratio=0.25, sinks=4, window=16, slack=0)", False),
+    # quest has no slack; rows of at most `budget` tokens read all their pages, also when the batch is longer
+    "quest": ("quest(budget=32, page=16)", False),
+    "quest_odd_budget": ("quest(budget=40, page=16)", False),  # not a whole number of pages
 }
 
 
@@ -192,3 +199,84 @@ def test_avg_pooling_ignores_padding():
     assert got[0, 2:].tolist() == [2.0, 2.0, 1.5]  # the first real slot: (3 + 1) / 2, not (0 + 3 + 1) / 3
     alone = pool_votes(votes[:, 2:], real[:, 2:], 3, "avg")
     assert torch.equal(alone, got[:, 2:])
+
+
+# -- quest: pages start at each row's first real token ---------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["quest(budget=32, page=16)", "quest(budget=40, page=16)", "quest(budget=32, page=8)"])
+def test_quest_rows_equal_rows_alone(tiny, spec):
+    """Each row of a left-padded batch (rows longer and shorter than the budget) gives its tokens alone, unpadded."""
+    model = copy.deepcopy(tiny)
+    hf_accel.apply(model, spec)
+    lengths = [90, 77, 38, 20]  # 38: at most budget=40 tokens but 3 pages
+    ids, mask = batch(lengths, 9)
+    out = greedy(model, ids, mask, 24)
+    for i, n in enumerate(lengths):
+        assert torch.equal(out[i], greedy(model, ids[i:i + 1, -n:], mask[i:i + 1, -n:], 24)[0]), i
+
+
+def test_quest_pages_start_at_the_first_real_token():
+    """Summaries and selection of a row behind 0..19 padding slots are those of the row alone."""
+    from hf_accel.plugins.kv_cache import KVCache, QuestPolicy
+    from hf_accel.plugins.kv_cache._layers import SELF_ATTEND
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 70, 8, generator=g)
+    query = torch.randn(1, 4, 1, 8, generator=g)
+    step = torch.randn(1, 2, 1, 8, generator=g)
+    want = None
+    for pad in range(20):
+        cache = KVCache(1, QuestPolicy(budget=32, page=16))
+        cache.set_attention_mask(torch.cat([torch.zeros(1, pad), torch.ones(1, 70)], 1))
+        layer = cache.layers[0]
+        layer.update(torch.cat([keys.new_zeros(1, 2, pad, 8), keys], 2), torch.zeros(1, 2, 70 + pad, 8))
+        layer.update(step, step)  # a decode step: slot 70 + pad, the row's 71st token
+        SELF_ATTEND.set(None)  # no attention call takes the step: the next model's first one must not
+        got = (layer.kmin[:, :, :5], layer.kmax[:, :, :5], layer.select_pages(query))
+        if want is None:
+            full = torch.cat([keys, step], 2)[:, :, :64].reshape(1, 2, 4, 16, 8)
+            assert torch.equal(got[0][:, :, :4], full.amin(3)) and torch.equal(got[1][:, :, :4], full.amax(3))
+            want = got
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), pad
+
+
+QUEST_KERNEL_PADDED = r"""
+import sys; sys.path.insert(0, 'tests')
+import torch, hf_accel
+from hf_accel.kernels import decode_attention
+from test_kv_padding import batch
+from conftest import build
+calls = []
+kernel = decode_attention.paged_decode_attention
+decode_attention.paged_decode_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+model = build('llama')
+for lengths in ([70, 38], [70, 45]):  # padding 0 and 32 (whole pages: the kernel), 0 and 25 (the gather path)
+    ids, mask = batch(lengths, 3)
+    ids = torch.where(mask.bool(), ids % (model.config.vocab_size - 3) + 3, 0)
+    outs = []
+    for k in ('torch', 'triton'):
+        hf_accel.apply(model, f"quest(budget=32, page=16, kernel='{k}')")
+        outs.append(torch.stack(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+            pad_token_id=0, return_dict_in_generate=True, output_logits=True).logits))
+        hf_accel.remove(model)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4, (lengths, (outs[0] - outs[1]).abs().max())
+    print(lengths, len(calls))
+    assert bool(calls) == (lengths[1] == 38), (lengths, len(calls))
+    calls.clear()
+print("ok")
+"""
+
+
+def test_quest_kernel_path_with_left_padding():
+    """Under TRITON_INTERPRET=1: rows padded by whole pages read their pages through the kernel (page indices moved
+    to storage pages), other padding takes the gather path; both equal kernel='torch'."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", QUEST_KERNEL_PADDED], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=root)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
