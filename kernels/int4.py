@@ -25,6 +25,7 @@ kernels/NOTES.md.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -282,6 +283,205 @@ if HAS_TRITON:
             tl.store(y_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :], y, mask=ok)
 
 
+    # -- v4 "gemv2": dequantise and multiply-add on packed bf16 pairs (kernels/NOTES.md, "int4 GEMV v4") ----------
+    @triton.jit
+    def _bf16_rne(a, b):
+        """Bits (int32, low 16 zero) of bf16(a + b) rounded once to nearest even, a and b fp32: what one bf16x2
+        add/fma lane computes when a is its (exact) product. TwoSum gives the fp32 sum s and its exact error e; s
+        rounds to bf16 like a + b does except at an exact bf16 midpoint, where e (not the parity) decides."""
+        s = a + b
+        bp = s - a
+        ap = s - bp
+        e = (a - ap) + (b - bp)
+        bits = s.to(tl.int32, bitcast=True)
+        lo = bits & 0xFFFF
+        tie_up = tl.where(e == 0.0, ((bits >> 16) & 1) == 1, (e > 0.0) == (s > 0.0))
+        up = (lo > 0x8000) | ((lo == 0x8000) & tie_up)
+        return (bits & -65536) + tl.where(up, 65536, 0)
+
+    @triton.jit
+    def _lo(p):
+        """Low bf16 of a bf16x2 word as fp32 (exact)."""
+        return (p << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _hi(p):
+        """High bf16 of a bf16x2 word as fp32 (exact)."""
+        return (p & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _join(lo_bits, hi_bits):
+        """Two results of _bf16_rne -> one bf16x2 word (lo in bits 0..15)."""
+        return hi_bits | ((lo_bits >> 16) & 0xFFFF)
+
+    @triton.jit
+    def _sub2(a, b, ASM: tl.constexpr):
+        """a - b on bf16x2 words (sub.rn.bf16x2; here always exact: small integers)."""
+        if ASM:
+            return tl.inline_asm_elementwise("sub.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        return _join(_bf16_rne(_lo(a), -_lo(b)), _bf16_rne(_hi(a), -_hi(b)))
+
+    @triton.jit
+    def _add2(a, b, ASM: tl.constexpr):
+        """a + b on bf16x2 words, each lane rounded once (add.rn.bf16x2)."""
+        if ASM:
+            return tl.inline_asm_elementwise("add.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        return _join(_bf16_rne(_lo(a), _lo(b)), _bf16_rne(_hi(a), _hi(b)))
+
+    @triton.jit
+    def _fma2(a, b, c, ASM: tl.constexpr):
+        """a * b + c on bf16x2 words, each lane rounded once (fma.rn.bf16x2, sm_90). The emulation relies on
+        a * b being exact in fp32: here a is an integer below 256 in magnitude (8 bits) and b a bf16 (8 bits)."""
+        if ASM:
+            return tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        return _join(_bf16_rne(_lo(a) * _lo(b), _lo(c)), _bf16_rne(_hi(a) * _hi(b), _hi(c)))
+
+    @triton.jit
+    def _mul2(a, b, ASM: tl.constexpr):
+        """a * b on bf16x2 words, each lane rounded once (mul.rn.bf16x2); a * b exact in fp32 (see _fma2)."""
+        if ASM:
+            return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        return _join(_bf16_rne(_lo(a) * _lo(b), -0.0), _bf16_rne(_hi(a) * _hi(b), -0.0))
+
+    @triton.jit
+    def _nib2(w, I: tl.constexpr, ASM: tl.constexpr):
+        """Nibbles I and I + 4 of every word as a bf16x2 word (128 + q, 128 + q'): ((w >> 4I) & 0x000F000F) |
+        0x43004300, one LOP3 (the compiler splits the and/or into two when it sees them)."""
+        if I == 0:
+            v = w
+        else:
+            v = w >> (4 * I)
+        if ASM:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r", [v],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        return (v & 0x000F000F) | 0x43004300
+
+    @triton.jit
+    def _zero_pair(zf, ASM: tl.constexpr):
+        """fp32 zero point z -> bf16x2 word with both lanes 128 + rne(z) (exact for -128 < z < 127.5)."""
+        if ASM:
+            t = zf + 128.0
+            return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $1;", "=r,r", [t], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        r = ((zf + 128.0) + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds to an integer, ties to even
+        b = r.to(tl.int32, bitcast=True) & -65536
+        return b | ((b >> 16) & 0xFFFF)
+
+    @triton.jit
+    def _x_pair(xlo, xhi):
+        """Two bf16 tiles -> bf16x2 words (xlo in bits 0..15)."""
+        lo = xlo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        hi = xhi.to(tl.int16, bitcast=True).to(tl.int32) << 16
+        return hi | lo
+
+    @triton.jit
+    def _ld16(ptrs, ASM: tl.constexpr):
+        """A bf16 tile -> fp32. ASM: as inline-PTX loads, which the layout passes do not anchor, so the tile is
+        loaded directly in the layout its consumer needs (a tl.load of these [GROUPS, BN] scales gets its own
+        layout and a shared-memory conversion with barriers every step)."""
+        if ASM:
+            b = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs], dtype=tl.int16,
+                                          is_pure=True, pack=1)
+            return b.to(tl.bfloat16, bitcast=True).to(tl.float32)
+        return tl.load(ptrs).to(tl.float32)
+
+    @triton.jit
+    def _x_pair2(x_ptrs, kx, K, I: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
+        """x of nibbles I and I + 4 of every word column as bf16x2 words."""
+        if EVEN:
+            xl = tl.load(x_ptrs + I * WPG)
+            xh = tl.load(x_ptrs + (I + 4) * WPG)
+        else:
+            xl = tl.load(x_ptrs + I * WPG, mask=kx + I * WPG < K, other=0.0)
+            xh = tl.load(x_ptrs + (I + 4) * WPG, mask=kx + (I + 4) * WPG < K, other=0.0)
+        return _x_pair(xl, xh)
+
+    @triton.jit
+    def _int4_gemv2(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, NG, stride_xm, stride_ym,
+                    G: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUPS: tl.constexpr, CHAIN: tl.constexpr, ASM: tl.constexpr):
+        """v4 GEMV, one x row per program row (grid (N / BLOCK_N, M)): a [GROUPS, BLOCK_N, G/8] tile of words per
+        step. Groups before rows on purpose: Triton 3.6 orders the two non-contiguous dimensions by position, so
+        the threads spread over groups and words and every thread keeps all BLOCK_N rows of its words, reusing its
+        packed x for each (rows across threads, as in v1, would send x through shared memory).
+        Per word, one lop3 per pair of nibbles (i, i + 4): ((w >> 4i) & 0x000F000F) | 0x43004300 = two bf16
+        128 + q; one bf16x2 subtract of 128 + rne(z) (exact) gives q - zi for both; one bf16x2 fma accumulates
+        (q - zi) * x with x packed as (x[i], x[i + 4]) pairs. After CHAIN fmas a bf16x2 accumulator is flushed
+        to fp32 (both lanes), and per word the group's scale and the zero's fractional part are applied in fp32:
+            acc += s * (sum_pairs (q - zi) x  +  (zi - z) * sum_word x)
+        (sum_word x: the word's 8 x as a bf16x2 add tree, shared by the BLOCK_N rows). ASM: the bf16x2 ops as
+        inline PTX (sm_90); else the same roundings emulated in fp32 (bit-identical, the interpreter's path)."""
+        WPG: tl.constexpr = G // 8
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_in = tl.where(rn < N, rn, 0)
+        rg = tl.arange(0, GROUPS)
+        rj = tl.arange(0, WPG)
+        row = rn_in.to(tl.int64) * (NG * WPG)
+        w_ptrs = w_ptr + rg[:, None, None] * WPG + row[None, :, None] + rj[None, None, :]  # [GROUPS, BN, WPG]
+        sz_offs = rg[:, None] + rn_in[None, :] * NG  # [GROUPS, BN], int32: N * NG < 2^31 (host check)
+        x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + rg[:, None] * G + rj[None, :]  # nibble 0, [GROUPS, WPG]
+        acc = tl.zeros([GROUPS, BLOCK_N, WPG], dtype=tl.float32)
+        for g0 in range(0, NG, GROUPS):
+            if EVEN:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                sf = _ld16(s_ptr + sz_offs, ASM)
+                zf = _ld16(z_ptr + sz_offs, ASM)
+                kx = rg[:, None] * G  # unused
+            else:
+                g_in = (g0 + rg) < NG
+                w = tl.load(w_ptrs, mask=g_in[:, None, None], other=0, eviction_policy="evict_first")
+                sz_in = tl.where(g_in[:, None], sz_offs, sz_offs - (g0 + rg[:, None]))  # past NG: group 0
+                sf = tl.where(g_in[:, None], _ld16(s_ptr + sz_in, ASM), 0.0)
+                zf = tl.where(g_in[:, None], _ld16(z_ptr + sz_in, ASM), 0.0)
+                kx = (g0 + rg[:, None]) * G + rj[None, :]
+            xp0 = _x_pair2(x_ptrs, kx, K, 0, WPG, EVEN)[:, None, :]
+            xp1 = _x_pair2(x_ptrs, kx, K, 1, WPG, EVEN)[:, None, :]
+            xp2 = _x_pair2(x_ptrs, kx, K, 2, WPG, EVEN)[:, None, :]
+            xp3 = _x_pair2(x_ptrs, kx, K, 3, WPG, EVEN)[:, None, :]
+            xs2 = _add2(_add2(xp0, xp1, ASM), _add2(xp2, xp3, ASM), ASM)
+            xsum = _lo(xs2) + _hi(xs2)  # [GROUPS, 1, WPG] fp32: the word's 8 x (rounded in bf16 on the way)
+            zp = _zero_pair(zf, ASM)[:, :, None]  # [GROUPS, BN, 1]
+            corr = ((_lo(zp) - 128.0) - zf[:, :, None])  # zi - z, exact
+            # CHAIN fmas per bf16x2 accumulator, then both lanes to fp32 (t); a chain starts with a multiply
+            p = _mul2(_sub2(_nib2(w, 0, ASM), zp, ASM), xp0, ASM)  # nibbles 0 and 4
+            if CHAIN == 1:
+                t = _lo(p) + _hi(p)
+                p = _mul2(_sub2(_nib2(w, 1, ASM), zp, ASM), xp1, ASM)  # 1 and 5
+            else:
+                p = _fma2(_sub2(_nib2(w, 1, ASM), zp, ASM), xp1, p, ASM)
+            if CHAIN == 1:
+                t += _lo(p) + _hi(p)
+            if CHAIN == 2:
+                t = _lo(p) + _hi(p)
+            if CHAIN <= 2:
+                p = _mul2(_sub2(_nib2(w, 2, ASM), zp, ASM), xp2, ASM)  # 2 and 6
+            else:
+                p = _fma2(_sub2(_nib2(w, 2, ASM), zp, ASM), xp2, p, ASM)
+            if CHAIN == 1:
+                t += _lo(p) + _hi(p)
+                p = _mul2(_sub2(_nib2(w, 3, ASM), zp, ASM), xp3, ASM)  # 3 and 7
+            else:
+                p = _fma2(_sub2(_nib2(w, 3, ASM), zp, ASM), xp3, p, ASM)
+            if CHAIN == 4:
+                t = _lo(p) + _hi(p)
+            else:
+                t += _lo(p) + _hi(p)
+            acc += sf[:, :, None] * (t + corr * xsum)
+            w_ptrs += GROUPS * WPG
+            sz_offs += GROUPS
+            x_ptrs += GROUPS * G
+        y = tl.sum(tl.sum(acc, axis=2), axis=0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn_in).to(tl.float32)
+        tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,7 +514,11 @@ def _dot_default(group_size: int):
 
 
 def int4_gemv(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConfig | None = None, out=None):
-    """One program row per x row (block_m is 1): each row of x streams the weights (L2 may catch repeats)."""
+    """One program row per x row (block_m is 1): each row of x streams the weights (L2 may catch repeats).
+    cfg.cvt == 1 runs the v4 kernel instead (`int4_gemv2`, the same launch fields), so a sweep that knows only
+    the kind "gemv" can time it."""
+    if cfg is not None and cfg.cvt == 1:
+        return int4_gemv2(x2, qweight, scales, zeros, bias, group_size, cfg, out)
     m, k = x2.shape
     n, ng = scales.shape
     cfg = cfg or _gemv_default(group_size)(m, n, k, sm_count(x2.device))
@@ -325,6 +529,39 @@ def int4_gemv(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConf
                      x2.stride(0), y.stride(0), G=group_size, HAS_BIAS=bias is not None,
                      EVEN=ng % groups == 0 and k == ng * group_size, BLOCK_N=cfg.block_n, GROUPS=groups,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+GEMV2_CHAIN = 4  # bf16x2 fmas per accumulator before its flush to fp32 (kernels/NOTES.md, "int4 GEMV v4": error)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def gemv2_asm(device: torch.device) -> bool:
+    """The inline-PTX path: CUDA on sm_90+ (sub/add.rn.bf16x2 need sm_90), never under the interpreter."""
+    return device.type == "cuda" and not interpreting() and _sm90(device.index if device.index is not None else
+                                                                   torch.cuda.current_device())
+
+
+def int4_gemv2(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConfig | None = None, out=None,
+               asm: bool | None = None, chain: int = GEMV2_CHAIN):
+    """The v4 GEMV (packed bf16x2 dequantisation and multiply-add): one program row per x row, cfg.block_k /
+    group_size groups per row per step (a power of 2). Experimental: only a tuned entry / LaunchConfig selects it."""
+    m, k = x2.shape
+    n, ng = scales.shape
+    cfg = cfg or LaunchConfig(block_n=8, block_k=4096, num_warps=4)
+    groups = max(1, cfg.block_k // group_size)
+    asm = gemv2_asm(x2.device) if asm is None else asm
+    assert n * ng < 2**31, "int4_gemv2: scale offsets are int32"
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype) if out is None else out
+    grid = (triton.cdiv(n, cfg.block_n), m)
+    _int4_gemv2[grid](x2, qweight, scales, zeros, bias if bias is not None else scales, y, n, k, ng,
+                      x2.stride(0), y.stride(0), G=group_size, HAS_BIAS=bias is not None,
+                      EVEN=ng % groups == 0 and k == ng * group_size, BLOCK_N=cfg.block_n, GROUPS=groups, CHAIN=chain,
+                      ASM=asm, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -384,6 +621,8 @@ def int4_linear_triton(x, qweight, scales, zeros, bias, group_size: int, in_feat
                        _dot_default(group_size))
     if kind == "gemv":
         y = int4_gemv(x2, qweight, scales, zeros, bias, group_size, cfg)
+    elif kind == "gemv2":  # experimental v4, only where a tuned entry names it
+        y = int4_gemv2(x2, qweight, scales, zeros, bias, group_size, cfg)
     elif kind == "bgemv":
         y = int4_bgemv(x2, qweight, scales, zeros, bias, group_size, cfg)
     elif kind == "dot":

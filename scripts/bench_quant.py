@@ -185,6 +185,10 @@ def candidates(fmt: str, m: int, smoke: bool):
         else:
             if not fp4:
                 out += [("gemv", C(8, 2048, 1, 4)), ("gemv", C(16, 1024, 1, 4))]
+                # v4 packed-bf16x2 GEMV (experimental, kernels/NOTES.md "int4 GEMV v4"): kind "gemv" with cvt=1,
+                # the one field QW.call passes through; block_k / 8 words per row and step >= 128 x warps keeps x
+                # out of shared memory (SASS, triton 3.6)
+                out += [("gemv", C(bn, bk, 1, w, cvt=1)) for bn, bk, w in [(8, 4096, 4), (4, 4096, 4), (8, 2048, 2)]]
             out += [("bgemv", C(bn, bk, 1, w, split_k=sk, acc3=a)) for bn, bk, w, sk, a in
                     [(8, 512, 4, 1, True), (4, 1024, 4, 1, True), (16, 512, 8, 1, True), (8, 1024, 8, 1, False),
                      (8, 512, 4, 4, True), (4, 512, 4, 8, True)]]
