@@ -514,11 +514,7 @@ def _dot_default(group_size: int):
 
 
 def int4_gemv(x2, qweight, scales, zeros, bias, group_size: int, cfg: LaunchConfig | None = None, out=None):
-    """One program row per x row (block_m is 1): each row of x streams the weights (L2 may catch repeats).
-    cfg.cvt == 1 runs the v4 kernel instead (`int4_gemv2`, the same launch fields), so a sweep that knows only
-    the kind "gemv" can time it."""
-    if cfg is not None and cfg.cvt == 1:
-        return int4_gemv2(x2, qweight, scales, zeros, bias, group_size, cfg, out)
+    """One program row per x row (block_m is 1): each row of x streams the weights (L2 may catch repeats)."""
     m, k = x2.shape
     n, ng = scales.shape
     cfg = cfg or _gemv_default(group_size)(m, n, k, sm_count(x2.device))

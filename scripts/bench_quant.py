@@ -140,8 +140,8 @@ class QW:
             return F.linear(x, KF.fp4_dequant(self.qw, self.s, self.g, self.fmt, self.k, x.dtype))
         if kind == "auto":
             return K.int4_linear(x, self.qw, self.s, self.z, None, self.gs, self.k)
-        if kind in ("gemv", "bgemv", "dot"):
-            fn = {"gemv": K4.int4_gemv, "bgemv": K4.int4_bgemv, "dot": K4.int4_dot}[kind]
+        if kind in ("gemv", "gemv2", "bgemv", "dot"):
+            fn = {"gemv": K4.int4_gemv, "gemv2": K4.int4_gemv2, "bgemv": K4.int4_bgemv, "dot": K4.int4_dot}[kind]
             return fn(x, self.qw, self.s, self.z, None, self.gs, cfg, out=out)
         return F.linear(x, K4.int4_dequant(self.qw, self.s, self.z, self.gs, self.k, x.dtype))
 
@@ -185,10 +185,9 @@ def candidates(fmt: str, m: int, smoke: bool):
         else:
             if not fp4:
                 out += [("gemv", C(8, 2048, 1, 4)), ("gemv", C(16, 1024, 1, 4))]
-                # v4 packed-bf16x2 GEMV (experimental, kernels/NOTES.md "int4 GEMV v4"): kind "gemv" with cvt=1,
-                # the one field QW.call passes through; block_k / 8 words per row and step >= 128 x warps keeps x
-                # out of shared memory (SASS, triton 3.6)
-                out += [("gemv", C(bn, bk, 1, w, cvt=1)) for bn, bk, w in [(8, 4096, 4), (4, 4096, 4), (8, 2048, 2)]]
+                # v4 packed-bf16x2 GEMV (experimental, kernels/NOTES.md "int4 GEMV v4"); block_k / 8 words per row
+                # and step >= 128 x warps keeps x out of shared memory (SASS, triton 3.6)
+                out += [("gemv2", C(bn, bk, 1, w)) for bn, bk, w in [(8, 4096, 4), (4, 4096, 4), (8, 2048, 2)]]
             out += [("bgemv", C(bn, bk, 1, w, split_k=sk, acc3=a)) for bn, bk, w, sk, a in
                     [(8, 512, 4, 1, True), (4, 1024, 4, 1, True), (16, 512, 8, 1, True), (8, 1024, 8, 1, False),
                      (8, 512, 4, 4, True), (4, 512, 4, 8, True)]]
@@ -227,7 +226,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def check(q: QW, m: int, kind: str, cfg, dev) -> dict:
     x = torch.randn(m, q.k, device=dev, dtype=torch.bfloat16)
     ref = x.double() @ q.dense(torch.float64).T
-    if kind in ("gemv", "bgemv", "dot"):
+    if kind in ("gemv", "gemv2", "bgemv", "dot"):
         out = torch.full((m, q.n), float("nan"), device=dev, dtype=torch.bfloat16)
         y = q.call(x, kind, cfg, out=out)
     else:
