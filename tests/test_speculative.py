@@ -392,7 +392,7 @@ def test_sampling_residual_bug_is_detected(small_pair, monkeypatch):
     def wrong(sampler, logits, drafts, draft_probs):
         accepted, _ = right(sampler, logits, drafts, draft_probs)
         p = sampler.probs(logits)[torch.arange(len(accepted)), accepted]
-        return accepted, torch.multinomial(p, 1)[:, 0]
+        return accepted, decode.with_token(drafts, accepted, torch.multinomial(p, 1)[:, 0])
 
     monkeypatch.setattr(decode, "verify", wrong)
     target, path, prompt, exact = small_pair

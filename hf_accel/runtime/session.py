@@ -606,7 +606,7 @@ class Session:
                 torch.arange(q, device=rt.device),
             )
         tok, slots, pos, out, offsets = self.verify_buffers[q, per_row]
-        tok[: tokens.shape[0]].copy_(tokens)
+        _rows(tok, tokens.shape[0]).copy_(tokens)
         next_slot = st.row_slot if per_row else st.slot  # [B, 1] or [1]
 
         def step():
@@ -662,7 +662,7 @@ class Session:
                 torch.zeros(self.batch, k, **long), torch.arange(q0, device=rt.device),
             )
         tok0, slots0, pos0, tok1, slots1, pos1, out, offsets = self.verify_buffers[key]
-        tok0[: tokens.shape[0]].copy_(tokens)
+        _rows(tok0, tokens.shape[0]).copy_(tokens)
         next_slot = st.row_slot if per_row else st.slot  # [B, 1] or [1]
 
         def argmax_after(tok, slots, pos, offs):
@@ -727,7 +727,7 @@ class Session:
         rt, st = self.rt, self.state
         key, (tok, slots, pos, out, hid, offsets, depth, visible) = self._tree_buffers(parents)
         q = len(parents)
-        tok[: tokens.shape[0]].copy_(tokens)
+        _rows(tok, tokens.shape[0]).copy_(tokens)
         next_slot = st.row_slot if self.per_row else st.slot  # [B, 1] or [1]
 
         def step():
@@ -798,6 +798,11 @@ class Session:
         else:
             raise ValueError("one rewind count per row needs a session started with per_row=True")
         st.positions.sub_(n)
+
+
+def _rows(buffer: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of a batch buffer (the buffer itself when it has n: one op less per call)."""
+    return buffer if buffer.shape[0] == n else buffer[:n]
 
 
 def _forward_params(model) -> set[str]:

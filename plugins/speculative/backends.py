@@ -12,9 +12,9 @@ session leaves the pad column out, so that its prompt is the one the model alone
   companion runtime with the same options. The session is started per row (`Runtime.start(per_row=True)`): each
   row has its own next slot, and `rewind` takes one count per row, so the batch needs no shared length. Each forward
   of Q tokens is one CUDA graph per Q on the GPU (the decode step is compiled), so small models stop paying kernel
-  launches per layer. The backend remembers where it left every row (`next`, a device tensor) and rewinds the
-  session to the slots the loop asks for: device ops only, no host sync. Medusa's draft trees run there too: the
-  nodes at the row's next slots with positions by depth and an ancestor mask (`Session.forward(tree=...)`, one
+  launches per layer. The backend remembers where it left every row (`next`, host ints, exact like the batch's
+  `n_host`) and rewinds the session to the slots the loop asks for: a few device ops, no host sync. Medusa's draft
+  trees run there too: the nodes at the row's next slots with positions by depth and an ancestor mask (`Session.forward(tree=...)`, one
   graph per tree, returning the last hidden states the heads read), then `Session.move` copies the accepted path's
   K/V to contiguous slots (one graph per path length); KV layers that cannot move slots send the call to the eager
   cache.
@@ -67,7 +67,8 @@ class SessionRows:
         if trees:
             self.session.check_trees()
         self.rows = batch.seq.shape[0]
-        self.next = batch.n.clone()  # [B] slot where the session places each row's next token
+        self.full = self.rows == self.session.batch  # no bucket-filler rows: outputs need no slicing
+        self.next = list(batch.n_host)  # slot where the session places each row's next token, on the host
         self.prompt_logits = prompt_logits[:, None]  # [B, 1, V]: the prefill's, for the first verify (forward)
 
     def forward(self, batch, tokens, offset: int, last_only: bool = False, *, tree=None, hidden: bool = False):
@@ -85,20 +86,19 @@ class SessionRows:
             shifted = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)
             logits = torch.cat([prompt_logits, self.forward(batch, shifted, 0)[:, :-1]], 1)
             return logits[:, -1:] if last_only else logits
-        start = batch.n + offset
-        self.session.rewind(self.next - start)  # never negative: the loop only asks for slots it wrote or the next
+        self._seek(batch, offset)
         try:
             if tree is None and not hidden:
                 logits = self._forward_pieces(batch, tokens, offset)
             else:
                 logits, states = self.session.forward(tokens, tree=None if tree is None else tree.parents,
                                                       hidden=True)
-                logits, states = logits[: self.rows], states[: self.rows]
+                logits, states = self._mine(logits), self._mine(states)
         except Unsupported as e:  # a failed capture (new Q): later calls go eager at once; this one is rerun
             if e.whole_model:
                 self.runtime.disabled = str(e)
             raise
-        self.next = start + tokens.shape[1]
+        self.next = [n + offset + tokens.shape[1] for n in batch.n_host]
         if last_only:
             logits, states = logits[:, -1:], (states[:, -1:] if hidden else None)
         return (logits, states) if hidden else logits
@@ -110,12 +110,11 @@ class SessionRows:
         q = tokens.shape[1]
         cutters = [layer.forward_cuts for layer in self.session.cache.layers[:1] if hasattr(layer, "forward_cuts")]
         if not cutters or q == 1:
-            return self.session.forward(tokens)[: self.rows]
-        # the session slot of each row's first token, on the host (batch 1: from n_max, no device sync)
-        firsts = [batch.n_max + offset] if self.rows == 1 else (batch.n + offset).tolist()
+            return self._mine(self.session.forward(tokens))
+        firsts = [n + offset for n in batch.n_host]  # the session slot of each row's first token
         cuts = sorted({i for first in firsts for cut in cutters for i in cut(first - self.skip, q)})
         if not cuts:
-            return self.session.forward(tokens)[: self.rows]
+            return self._mine(self.session.forward(tokens))
         bounds = [0, *cuts, q]
         return torch.cat([self.session.forward(tokens[:, a:b])[: self.rows].clone()
                           for a, b in zip(bounds, bounds[1:])], 1)
@@ -124,16 +123,29 @@ class SessionRows:
         """Greedy drafts [B, k]: `tokens` at slots n[b] + offset + j, then k - 1 steps on the previous argmax, in one
         call (`Session.chain`: one CUDA graph on the GPU)."""
         self.prompt_logits = None
-        start = batch.n + offset
-        self.session.rewind(self.next - start)
+        self._seek(batch, offset)
         try:
-            drafts = self.session.chain(tokens, k)[: self.rows].clone()
+            # a session buffer, not a copy: the loop is done with a round's drafts before the next call
+            drafts = self._mine(self.session.chain(tokens, k))
         except Unsupported as e:  # as in `forward`
             if e.whole_model:
                 self.runtime.disabled = str(e)
             raise
-        self.next = start + tokens.shape[1] + k - 1
+        self.next = [n + offset + tokens.shape[1] + k - 1 for n in batch.n_host]
         return drafts
+
+    def _seek(self, batch, offset: int) -> None:
+        """Rewind the session to each row's slot n + offset: host arithmetic, then one int for all rows (two device
+        ops, none when no row moves) or, when rows accepted different counts, one count per row."""
+        back = [nxt - n - offset for nxt, n in zip(self.next, batch.n_host)]  # never negative: the loop only asks
+        if len(set(back)) > 1:  # for slots it wrote or the next one
+            self.session.rewind(torch.tensor(back, device=batch.n.device))
+        elif back[0]:
+            self.session.rewind(back[0])
+
+    def _mine(self, out: torch.Tensor) -> torch.Tensor:
+        """The batch's rows of a session output (the bucket may hold filler rows after them)."""
+        return out if self.full else out[: self.rows]
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Each row's K/V at slots `src` [B, m] to `dst` (a verified tree's accepted path, `Session.move`)."""

@@ -35,14 +35,19 @@ from .backends import EagerRows
 # ---------------------------------------------------------------------------------------------------- state
 @dataclass
 class Batch:
-    """The left-padded token layout shared by the target and the drafter (slot = index in `seq`)."""
+    """The left-padded token layout shared by the target and the drafter (slot = index in `seq`).
 
-    seq: torch.Tensor  # [B, capacity] committed tokens; pad beyond each row's length
+    Each row's committed length is kept twice: `n` on the device (for per-row gathers and masks) and `n_host` on the
+    host (exact after every round's one sync), so that slicing, rewinding and shaping forwards need no device op.
+    Slots at or beyond a row's length hold scratch (the last round's uncommitted tokens); `output` pads them."""
+
+    seq: torch.Tensor  # [B, capacity] committed tokens, then scratch
     real: torch.Tensor  # [B, capacity] False at left-pad slots
     n_pads: torch.Tensor  # [B]
     n: torch.Tensor  # [B] committed tokens per row (slots), prompt included
     prompt_len: int
-    n_max: int = 0  # max(n), kept on the host so that shaping a forward needs no device sync
+    n_host: list = field(default_factory=list)  # `n` on the host
+    _aranges: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_prompt(cls, input_ids, attention_mask, pad_id: int, capacity: int) -> "Batch":
@@ -58,12 +63,47 @@ class Batch:
         real[:, 0] = False
         real[:, 1: t + 1] = attention_mask.bool()
         n_pads = (~real[:, : t + 1]).sum(1)
-        return cls(seq, real, n_pads, torch.full((b,), t + 1, device=dev), t + 1, t + 1)
+        return cls(seq, real, n_pads, torch.full((b,), t + 1, device=dev), t + 1, [t + 1] * b)
+
+    @property
+    def n_max(self) -> int:
+        return max(self.n_host)
+
+    def _arange(self, start: int, end: int) -> torch.Tensor:
+        """torch.arange(start, end) on the batch's device, made once per call (one op less per use)."""
+        key = (start, end)
+        if key not in self._aranges:
+            self._aranges[key] = torch.arange(start, end, device=self.seq.device)
+        return self._aranges[key]
 
     def last_tokens(self, count: int) -> torch.Tensor:
-        """The last `count` committed tokens of every row, [B, count]."""
-        idx = self.n[:, None] - count + torch.arange(count, device=self.n.device)
-        return self.seq.gather(1, idx)
+        """The last `count` committed tokens of every row, [B, count] (batch 1: a view of `seq`)."""
+        if len(self.n_host) == 1:
+            n = self.n_host[0]
+            return self.seq[:, n - count: n]
+        return self.seq.gather(1, self.n[:, None] + self._arange(-count, 0))
+
+    def write(self, new: torch.Tensor) -> None:
+        """Put `new` [B, m] at each row's next m slots (scratch until `advance` commits some of them)."""
+        if len(self.n_host) == 1:
+            n = self.n_host[0]
+            self.seq[:, n: n + new.shape[1]] = new
+        else:
+            self.seq.scatter_(1, self.n[:, None] + self._arange(0, new.shape[1]), new)
+
+    def advance(self, counts: list[int]) -> None:
+        """Commit the first counts[b] tokens that `write` put after each row."""
+        self.n_host = [n + c for n, c in zip(self.n_host, counts)]
+        if len(counts) == 1:
+            self.n.add_(counts[0])
+        else:
+            self.n.copy_(torch.tensor(self.n_host))
+
+    def output(self, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """[B, T + L] like `generate()`: the prompt, then each row's generated tokens padded to the longest."""
+        new = self.seq[:, self.prompt_len: self.n_max]
+        new = new.masked_fill(self._arange(self.prompt_len, self.n_max) >= self.n[:, None], pad_id)
+        return torch.cat([input_ids, new], 1)
 
 
 @dataclass
@@ -136,15 +176,16 @@ class Tree:
 
 # ---------------------------------------------------------------------------------------------------- verify
 def verify(sampler: Sampler, logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None):
-    """Target logits [B, k+1, V] for the drafts [B, k] -> (accepted [B] in 0..k, next token [B]).
+    """Target logits [B, k+1, V] for the drafts [B, k] -> (accepted [B] in 0..k, new [B, k+1]): each row's tokens
+    are new[b, :accepted[b] + 1], the kept drafts then the target's own token (beyond: anything).
 
     `draft_probs` [B, k, V] is q (None for deterministic drafts, q one-hot)."""
     b, k = drafts.shape
-    rows = torch.arange(b, device=drafts.device)
     if sampler.greedy:
+        # the kept drafts equal the target's argmax, so the row's tokens are the argmax itself
         target = logits.argmax(-1)  # [B, k+1]
-        accepted = (drafts == target[:, :k]).long().cumprod(1).sum(1)
-        return accepted, target[rows, accepted]
+        return (drafts == target[:, :k]).cumprod(1).sum(1), target
+    rows = torch.arange(b, device=drafts.device)
     p = sampler.probs(logits)  # [B, k+1, V]
     p_draft = p[:, :k].gather(-1, drafts[..., None])[..., 0]
     q_draft = torch.ones_like(p_draft) if draft_probs is None else draft_probs.gather(-1, drafts[..., None])[..., 0]
@@ -159,7 +200,14 @@ def verify(sampler: Sampler, logits: torch.Tensor, drafts: torch.Tensor, draft_p
     residual = (p_next - q_at).clamp_min(0)
     residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-30)
     p_next = torch.where((accepted < k)[:, None], residual, p_next)  # computed for every row: no host sync
-    return accepted, torch.multinomial(p_next, 1)[:, 0]
+    return accepted, with_token(drafts, accepted, torch.multinomial(p_next, 1)[:, 0])
+
+
+def with_token(kept: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """[B, m+1]: the kept tokens [B, m] with `token` [B] at each row's index `accepted` [B]."""
+    new = torch.cat([kept, token[:, None]], 1)
+    new[torch.arange(new.shape[0], device=new.device), accepted] = token
+    return new
 
 
 def verify_tree(sampler: Sampler, logits: torch.Tensor, nodes: torch.Tensor, tree: Tree):
@@ -314,18 +362,15 @@ class DraftLength:
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-def commit(new: torch.Tensor, accepted: torch.Tensor, eos_ids: torch.Tensor | None, budget: torch.Tensor):
-    """How many of `new` [B, k+1] each row keeps: accepted + 1, cut after the first EOS and at the row's token
-    budget. Returns (count [B], hit_eos [B])."""
-    j = torch.arange(new.shape[1], device=new.device)
+def commit(accepted: int, new: list[int], eos: set[int], budget: int) -> tuple[int, int]:
+    """Host side of one row's round: of its tokens `new` (accepted + 1 are valid) it keeps up to the first EOS and
+    at most `budget`. Returns (tokens kept, budget left: 0 once an EOS is kept or the budget is spent)."""
     count = accepted + 1
-    hit_eos = torch.zeros_like(accepted, dtype=torch.bool)
-    if eos_ids is not None:
-        is_eos = torch.isin(new, eos_ids) & (j < count[:, None])
-        hit_eos = is_eos.any(1)
-        count = torch.where(hit_eos, is_eos.long().argmax(1) + 1, count)
-    count = torch.minimum(count, budget)
-    return count, hit_eos & (count > 0)
+    stop = next((j + 1 for j, token in enumerate(new[:count]) if token in eos), None)
+    if stop is not None:
+        count = stop
+    count = min(count, budget)
+    return count, 0 if stop is not None else budget - count
 
 
 @torch.no_grad()
@@ -336,10 +381,15 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
     padded with `pad_id`). `drafter_factory(batch, sampler, open_rows)` builds the drafter once the batch layout
     exists. `length.k_max` bounds the drafts of one round (for a tree drafter: its number of non-root nodes).
     `open_rows(model, batch, cached, eager_reason=None, trees=False)` gives a model its per-row KV (backends.py);
-    default: the eager `RowCache`."""
+    default: the eager `RowCache`.
+
+    A round's eager work runs between two forwards (on the fast runtime: two CUDA-graph replays) and is launch-bound,
+    so it is kept to few device ops: the row's tokens go to the slots after it before anything is known about them
+    (`Batch.write`), and one host sync brings back the accepted counts and tokens; EOS, budget, lengths and the
+    backends' slots are then host arithmetic."""
     b, t = input_ids.shape
     dev = input_ids.device
-    capacity = t + 1 + max_new_tokens + length.k_max + 1
+    capacity = t + 1 + max_new_tokens + length.k_max + 1  # a row's last write ends at slot capacity - 2
     batch = Batch.from_prompt(input_ids, attention_mask, pad_id, capacity)
     open_rows = open_rows or (lambda model, batch, cached, eager_reason=None, trees=False:
                               EagerRows(model, batch, cached))
@@ -350,9 +400,8 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
     rows_kv = open_rows(target, batch, batch.prompt_len - 1, trees=True) if trees else \
         open_rows(target, batch, batch.prompt_len - 1)
     stats["runtime"] = hasattr(rows_kv, "session")  # the target verifies on the fast runtime (backends.py)
-    rows = torch.arange(b, device=dev)
-    budget = torch.full((b,), max_new_tokens, device=dev)  # tokens each row may still add; 0 once done
-    generated, budget_h = [0] * b, [max_new_tokens] * b
+    eos = set() if eos_ids is None else set(eos_ids.reshape(-1).tolist())
+    budget_h = [max_new_tokens] * b  # tokens each row may still add; 0 once done
     totals = dict(rounds=0, row_rounds=0, drafted=0, accepted=0, generated=0)
     k_used: list[int] = []
     while max(budget_h) > 0:
@@ -363,39 +412,30 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
         logits = rows_kv.forward(batch, fed, -1, **extra)
         logits, hidden = logits if wants_hidden else (logits, None)
         if tree is None:
-            accepted, next_token = verify(sampler, logits, drafts, draft_probs)
-            depth, last, kept = drafts.shape[1], accepted, drafts
+            accepted, new = verify(sampler, logits, drafts, draft_probs)
+            depth, last = drafts.shape[1], accepted
         else:
             path, accepted, next_token = verify_tree(sampler, logits, fed, tree)
-            depth, last = tree.max_depth, path[rows, accepted]
+            depth, last = tree.max_depth, path[torch.arange(b, device=dev), accepted]
             # roll back per row: the accepted path's K/V moves to contiguous slots n-1 .. n-1+accepted; the other
             # nodes stay beyond the committed length, where nothing sees them and the next round overwrites them
-            j = torch.arange(depth + 1, device=dev)
+            j = batch._arange(0, depth + 1)
             rows_kv.move(batch.n[:, None] - 1 + path, batch.n[:, None] - 1 + j)
-            kept = fed.gather(1, path[:, 1:])
+            new = with_token(fed.gather(1, path[:, 1:]), accepted, next_token)
         drafter.observe(fed, logits, hidden, last)
-
-        new = torch.cat([kept, kept[:, :1]], 1) if depth else next_token[:, None].clone()
-        new[rows, accepted] = next_token  # [B, depth+1]: the kept drafts, then the target's own token
-        count, hit_eos = commit(new, accepted, eos_ids, budget)
-        j = torch.arange(depth + 1, device=dev)
-        slots = (batch.n[:, None] + j).clamp(max=capacity - 1)
-        batch.seq.scatter_(1, slots, torch.where(j < count[:, None], new, batch.seq.gather(1, slots)))
-        batch.n += count
+        batch.write(new)  # [B, depth+1] after each row: scratch until `advance` commits its first counts
+        rounds = torch.cat([accepted[:, None], new], 1).tolist()  # the round's one host sync
         active_h = [left > 0 for left in budget_h]
-        budget = torch.where(hit_eos, 0, budget - count)
-
-        acc_h, count_h, budget_h = torch.stack([accepted, count, budget]).tolist()  # the round's one host sync
+        count_h, budget_h = map(list, zip(*(commit(r[0], r[1:], eos, left) for r, left in zip(rounds, budget_h))))
         if streamer is not None and count_h[0]:
-            streamer.put(new[0, : count_h[0]].cpu())
-        live = [a for a, on in zip(acc_h, active_h) if on]
+            streamer.put(torch.tensor(rounds[0][1: 1 + count_h[0]]))
+        batch.advance(count_h)
+        live = [r[0] for r, on in zip(rounds, active_h) if on]
         totals["rounds"] += 1
         totals["row_rounds"] += len(live)
         totals["drafted"] += depth * len(live)  # the most a row could keep (a tree: its depth)
         totals["accepted"] += sum(live)
         totals["generated"] += sum(count_h)
-        generated = [g + c for g, c in zip(generated, count_h)]
-        batch.n_max = batch.prompt_len + max(generated)
         k_used.append(depth)
         length.update(live, k)
 
@@ -404,5 +444,4 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
                  acceptance_rate=totals["accepted"] / max(totals["drafted"], 1))
     if streamer is not None:
         streamer.end()
-    longest = max(generated)
-    return torch.cat([input_ids, batch.seq[:, batch.prompt_len: batch.prompt_len + longest]], 1)
+    return batch.output(input_ids, pad_id)
