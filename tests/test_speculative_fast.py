@@ -83,14 +83,13 @@ def test_ragged_batch_accepts_different_counts_per_row(target, draft_dir, monkey
     """The batch-of-3 case really is ragged: rows keep different numbers of drafts in the same round."""
     from hf_accel.plugins.speculative import decode
 
-    log, right = [], decode.verify
+    log, right = [], decode.Batch.advance
 
-    def spy(*args):
-        out = right(*args)
-        log.append(out[0].tolist())
-        return out
+    def spy(self, counts):  # tokens each row commits in a round (no EOS here: accepted + 1, or its budget's rest)
+        log.append(list(counts))
+        return right(self, counts)
 
-    monkeypatch.setattr(decode, "verify", spy)
+    monkeypatch.setattr(decode.Batch, "advance", spy)
     ids, mask = prompts(3, seed=1, lengths=[3, 11, 7])
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None)
     out, _, _ = generate_on_runtime(target, spec_for("draft", draft_dir), **kw)

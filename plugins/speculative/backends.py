@@ -139,7 +139,7 @@ class SessionRows:
         ops, none when no row moves) or, when rows accepted different counts, one count per row."""
         back = [nxt - n - offset for nxt, n in zip(self.next, batch.n_host)]  # never negative: the loop only asks
         if len(set(back)) > 1:  # for slots it wrote or the next one
-            self.session.rewind(torch.tensor(back, device=batch.n.device))
+            self.session.rewind(torch.tensor(back, device=batch.seq.device))
         elif back[0]:
             self.session.rewind(back[0])
 

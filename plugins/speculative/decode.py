@@ -44,9 +44,10 @@ class Batch:
     seq: torch.Tensor  # [B, capacity] committed tokens, then scratch
     real: torch.Tensor  # [B, capacity] False at left-pad slots
     n_pads: torch.Tensor  # [B]
-    n: torch.Tensor  # [B] committed tokens per row (slots), prompt included
+    n_device: torch.Tensor  # [B] committed tokens per row (slots), prompt included; read it as `n`
     prompt_len: int
-    n_host: list = field(default_factory=list)  # `n` on the host
+    n_host: list = field(default_factory=list)  # the same on the host
+    n_stale: bool = False  # `n_device` lags `n_host` (batch 1: a loop on the fast runtime never reads it)
     _aranges: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -64,6 +65,17 @@ class Batch:
         real[:, 1: t + 1] = attention_mask.bool()
         n_pads = (~real[:, : t + 1]).sum(1)
         return cls(seq, real, n_pads, torch.full((b,), t + 1, device=dev), t + 1, [t + 1] * b)
+
+    @property
+    def n(self) -> torch.Tensor:
+        """[B] committed tokens per row on the device, brought up to date on first use after `advance`."""
+        if self.n_stale:
+            self.n_stale = False
+            if len(self.n_host) == 1:
+                self.n_device.fill_(self.n_host[0])
+            else:
+                self.n_device.copy_(torch.tensor(self.n_host))
+        return self.n_device
 
     @property
     def n_max(self) -> int:
@@ -94,10 +106,7 @@ class Batch:
     def advance(self, counts: list[int]) -> None:
         """Commit the first counts[b] tokens that `write` put after each row."""
         self.n_host = [n + c for n, c in zip(self.n_host, counts)]
-        if len(counts) == 1:
-            self.n.add_(counts[0])
-        else:
-            self.n.copy_(torch.tensor(self.n_host))
+        self.n_stale = True
 
     def output(self, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
         """[B, T + L] like `generate()`: the prompt, then each row's generated tokens padded to the longest."""
@@ -182,9 +191,9 @@ def verify(sampler: Sampler, logits: torch.Tensor, drafts: torch.Tensor, draft_p
     `draft_probs` [B, k, V] is q (None for deterministic drafts, q one-hot)."""
     b, k = drafts.shape
     if sampler.greedy:
-        # the kept drafts equal the target's argmax, so the row's tokens are the argmax itself
-        target = logits.argmax(-1)  # [B, k+1]
-        return (drafts == target[:, :k]).cumprod(1).sum(1), target
+        # The kept drafts equal the target's argmax, so the row's tokens are the argmax itself. accepted is None:
+        # the loop counts the matches on the host (`greedy_accepted`) after the round's sync, four device ops less.
+        return None, logits.argmax(-1)
     rows = torch.arange(b, device=drafts.device)
     p = sampler.probs(logits)  # [B, k+1, V]
     p_draft = p[:, :k].gather(-1, drafts[..., None])[..., 0]
@@ -201,6 +210,11 @@ def verify(sampler: Sampler, logits: torch.Tensor, drafts: torch.Tensor, draft_p
     residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-30)
     p_next = torch.where((accepted < k)[:, None], residual, p_next)  # computed for every row: no host sync
     return accepted, with_token(drafts, accepted, torch.multinomial(p_next, 1)[:, 0])
+
+
+def greedy_accepted(drafts: list[int], target: list[int]) -> int:
+    """Greedy verification of one row on the host: how many leading drafts equal the target's argmax."""
+    return next((i for i, (d, t) in enumerate(zip(drafts, target)) if d != t), len(drafts))
 
 
 def with_token(kept: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -245,7 +259,8 @@ def accept_path(draws: torch.Tensor, nodes: torch.Tensor, tree: Tree):
 # ---------------------------------------------------------------------------------------------------- drafters
 # A drafter has `propose(batch, k) -> Proposal` and `observe(fed, logits, hidden, last)`, called after each verify
 # forward with the fed tokens [B, m+1], the target's logits [B, m+1, V], its last hidden states [B, m+1, H] (None
-# unless the drafter sets `wants_hidden = True`) and, per row, the index in `fed` of the last accepted node [B].
+# unless the drafter sets `wants_hidden = True`) and, per row, the index in `fed` of the last accepted node [B]
+# (None for a greedy chain: its count is known on the host only, after the round's sync).
 class ModelDrafter:
     """A smaller model (or the int8 self-copy) drafts autoregressively on its own per-row KV (`open_rows`: the eager
     cache, or a runtime session when the target runs on the fast runtime; see backends.py).
@@ -286,7 +301,7 @@ class LookupDrafter:
 
     def propose(self, batch: Batch, k: int):
         seq = batch.seq.cpu()  # one small copy per round; the search is cheap host work
-        drafts = [self._lookup(seq[b, p:n], k) for b, (n, p) in enumerate(zip(batch.n.tolist(), batch.n_pads.tolist()))]
+        drafts = [self._lookup(seq[b, p:n], k) for b, (n, p) in enumerate(zip(batch.n_host, batch.n_pads.tolist()))]
         return Proposal(torch.stack(drafts).to(batch.seq.device))
 
     def _lookup(self, row: torch.Tensor, k: int) -> torch.Tensor:
@@ -412,7 +427,7 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
         logits = rows_kv.forward(batch, fed, -1, **extra)
         logits, hidden = logits if wants_hidden else (logits, None)
         if tree is None:
-            accepted, new = verify(sampler, logits, drafts, draft_probs)
+            accepted, new = verify(sampler, logits, drafts, draft_probs)  # greedy: accepted None (host count)
             depth, last = drafts.shape[1], accepted
         else:
             path, accepted, next_token = verify_tree(sampler, logits, fed, tree)
@@ -424,13 +439,18 @@ def speculative_generate(target, drafter_factory, input_ids, attention_mask, *, 
             new = with_token(fed.gather(1, path[:, 1:]), accepted, next_token)
         drafter.observe(fed, logits, hidden, last)
         batch.write(new)  # [B, depth+1] after each row: scratch until `advance` commits its first counts
-        rounds = torch.cat([accepted[:, None], new], 1).tolist()  # the round's one host sync
+        # the round's one host sync: the accepted counts (greedy chains: the fed drafts) and the row's tokens
+        head = fed if accepted is None else accepted[:, None]
+        rounds = torch.cat([head, new], 1).tolist()
+        cut = head.shape[1]
+        new_h = [r[cut:] for r in rounds]
+        acc_h = [greedy_accepted(r[1:cut], r[cut:]) for r in rounds] if accepted is None else [r[0] for r in rounds]
         active_h = [left > 0 for left in budget_h]
-        count_h, budget_h = map(list, zip(*(commit(r[0], r[1:], eos, left) for r, left in zip(rounds, budget_h))))
+        count_h, budget_h = map(list, zip(*(commit(a, r, eos, left) for a, r, left in zip(acc_h, new_h, budget_h))))
         if streamer is not None and count_h[0]:
-            streamer.put(torch.tensor(rounds[0][1: 1 + count_h[0]]))
+            streamer.put(torch.tensor(new_h[0][: count_h[0]]))
         batch.advance(count_h)
-        live = [r[0] for r, on in zip(rounds, active_h) if on]
+        live = [a for a, on in zip(acc_h, active_h) if on]
         totals["rounds"] += 1
         totals["row_rounds"] += len(live)
         totals["drafted"] += depth * len(live)  # the most a row could keep (a tree: its depth)
