@@ -587,3 +587,38 @@ def test_gpu_medusa_greedy_identical_with_cuda_graphs(compile, tmp_path):
     runs = gpu_references(model)
     for tree in ("default", "3,2,1"):
         assert_on_graphs_like_target(model, medusa_spec(heads, tree, fast), runs, f"medusa tree {tree}")
+
+
+def eager_ops_per_round(model, spec, ids, mask) -> float:
+    """scripts/spec_round_ops.py's count: eager aten ops outside the session forwards, per round (prefill cancels)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "spec_round_ops.py"
+    module = importlib.util.spec_from_file_location("spec_round_ops", path)
+    ops = importlib.util.module_from_spec(module)
+    module.loader.exec_module(ops)
+    hf_accel.apply(model, spec)
+    try:
+        counts = []
+        for new in (6, 30):
+            kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
+            model.generate(**kw)  # sessions and buffers
+            with ops.counting() as c:
+                model.generate(**kw)
+            counts.append((c.ops, model.hf_accel_spec_stats["rounds"]))
+    finally:
+        hf_accel.remove(model)
+    (o0, r0), (o1, r1) = counts
+    return (o1 - o0) / (r1 - r0)
+
+
+@pytest.mark.parametrize("batch, most", [(1, 13), (3, 36)])
+def test_greedy_round_glue_stays_small(target, draft_dir, batch, most):
+    """A greedy round on the fast runtime (draft chain, verify) keeps its eager glue small: on the GPU every op is a
+    launch plus Python next to a ~0.6 ms target step (75 ops per round at batch 1 before the glue was cut; now 13,
+    and about 33 for this ragged batch of 3, whose rows rewind by per-row counts)."""
+    ids, mask = prompts(batch, seed=1, lengths=[3, 11, 7][:batch] if batch > 1 else None)
+    per_round = eager_ops_per_round(target, f"fast+draft(draft='{draft_dir}', k=3)", ids, mask)
+    print(f"batch {batch}: {per_round:.1f} eager ops per round")
+    assert per_round <= most
