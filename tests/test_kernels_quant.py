@@ -254,12 +254,6 @@ def test_gpu_ops_compile_and_capture():
     torch.testing.assert_close(y, f(x))
 
 
-if __name__ == "__main__":  # the child process of `interpreted`: TRITON_INTERPRET=1 is already set
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    results = {c["id"]: c for c in (run_case(case, "cpu") for case in CPU_CASES)}
-    print(json.dumps({"cases": results, "layout_control": layout_control("cpu")}))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # v4 "gemv2" (packed bf16x2 dequantise + fma, kernels/NOTES.md "int4 GEMV v4"): bf16 partial sums of CHAIN
 # products per lane, flushed to fp32 per word. Bound: 6e-3 on these small interpreter cases (what v1's "gemv" is
@@ -386,15 +380,8 @@ def bf16x2_ops_mismatches() -> dict:
 
 
 @pytest.fixture(scope="module")
-def interpreted_gemv2():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = ("import sys, json; sys.path.insert(0, %r); import test_kernels_quant as T; "
-            "print(json.dumps({'cases': T.run_gemv2_cases('cpu'), 'ops': T.bf16x2_ops_mismatches()}))" % here)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreted_gemv2(interpreted):
+    return interpreted["gemv2"]  # computed by the same child process
 
 
 @pytest.mark.parametrize("case", GEMV2_CASES, ids=gemv2_case_id)
@@ -440,3 +427,10 @@ def test_gpu_gemv2_asm_equals_plain(case):
         assert torch.equal(ys[True].view(torch.int16), ys[False].view(torch.int16))
         err = ((ys[True].double() - ref).norm() / ref.norm()).item()
         assert err < GEMV2_TOL, err
+
+
+if __name__ == "__main__":  # the child process of `interpreted`: TRITON_INTERPRET=1 is already set
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    results = {c["id"]: c for c in (run_case(case, "cpu") for case in CPU_CASES)}
+    print(json.dumps({"cases": results, "layout_control": layout_control("cpu"),
+                      "gemv2": {"cases": run_gemv2_cases("cpu"), "ops": bf16x2_ops_mismatches()}}))
