@@ -59,8 +59,8 @@ class QuestLayer(BufferedLayer):
                 real[:, : self.real.shape[1]] = self.real
             self.real = real
         self.real[:, start:start + q] = pos >= 0
-        self.first = self.real[:, : self.buf.n].to(torch.uint8).argmax(-1)  # the first True (0 while none)
-        if start == 0:
+        if start == 0 or q > 1:  # a prompt: decode tokens are real and come after it, so `first` stays put
+            self.first = self.real[:, : self.buf.n].to(torch.uint8).argmax(-1)  # the first True (0 while none)
             self.aligned = None
         self.seen += q
         self.cumulative_length = self.seen
